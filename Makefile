@@ -1,0 +1,37 @@
+# mpibelief: `make demo` and `make test` are all a fresh machine needs.
+# Both create the virtual environment in .venv first when it is missing or older
+# than pyproject.toml.  On a cluster, install with the site MPI instead (README).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+NP     ?= 1
+DEMO   ?= configs/demo.toml
+
+.PHONY: install demo test lint bench figures clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[workstation,test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	@echo "mpibelief demo: $(BIN)/mpiexec -n $(NP) python -m mpibelief train $(DEMO)"
+	$(BIN)/mpiexec -n $(NP) $(BIN)/python -m mpibelief train $(DEMO) --out results/demo.h5
+	$(BIN)/python -m mpibelief plot accuracy results/demo.h5 --out results/demo.png
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check mpibelief bench tests
+
+bench: $(STAMP)
+	$(BIN)/python bench/kernels.py
+
+clean:
+	rm -rf results/*.h5 results/*.png .cache .pytest_cache .ruff_cache

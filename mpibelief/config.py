@@ -1,0 +1,255 @@
+"""Experiment configuration: TOML tables loaded into frozen dataclasses.
+
+One dataclass per TOML table.  Unknown tables or keys and values of the wrong type are
+rejected with a one-line :class:`ConfigError` naming the key and the file, so a typo
+never silently falls back to a default.  Single keys can be overridden from the command
+line (``--set train.lr=0.05``); the override is parsed as a TOML value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from mpibelief.errors import ConfigError
+
+ALGORITHMS = ("sgd", "downpour")
+OPTIMIZERS = ("sgd", "adagrad")
+ACTIVATIONS = ("sigmoid", "tanh", "relu")
+SOURCES = ("fsdd", "synthetic", "hdf5")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What to run and where its results go."""
+
+    name: str = "run"
+    algorithm: str = "sgd"
+    seed: int = 0
+    results_dir: str = "results"
+    threads: int = 1
+
+
+@dataclass(frozen=True)
+class LayoutConfig:
+    """The static rank layout: world = 1 coordinator + shards + replicas * partitions."""
+
+    shards: int = 0
+    replicas: int = 1
+    partitions: int = 1
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A fully connected stack: ``layers`` hidden layers of ``hidden`` units each."""
+
+    hidden: int = 512
+    layers: int = 2
+    activation: str = "relu"
+    init_scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the frames come from and how they are made.
+
+    ``path`` is the FSDD folder for ``source = "fsdd"`` and the HDF5 file for
+    ``source = "hdf5"``; relative paths are taken from the working directory.
+    """
+
+    source: str = "fsdd"
+    path: str = "../shared/data/fsdd"
+    cache_dir: str = ".cache"
+    states_per_digit: int = 5
+    context: int = 11
+    n_mels: int = 40
+    n_train: int = 20000
+    n_test: int = 2000
+    n_inputs: int = 440
+    n_classes: int = 50
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Mini-batch SGD settings shared by every algorithm."""
+
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    adagrad_eps: float = 1e-6
+    batch: int = 128
+    epochs: float = 1.0
+    max_seconds: float = 0.0
+    eval_every: float = 5.0
+    eval_samples: int = 0
+
+
+@dataclass(frozen=True)
+class DownpourConfig:
+    """Downpour SGD: fetch and push intervals and the single-replica warmstart."""
+
+    n_fetch: int = 1
+    n_push: int = 1
+    warmstart_steps: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole experiment: one attribute per TOML table."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    layout: LayoutConfig = field(default_factory=LayoutConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    downpour: DownpourConfig = field(default_factory=DownpourConfig)
+
+    def to_toml(self) -> str:
+        """The resolved config as TOML text, stored in every result file."""
+        lines = []
+        for table in fields(self):
+            lines.append(f"[{table.name}]")
+            for key, value in dataclasses.asdict(getattr(self, table.name)).items():
+                lines.append(f"{key} = {_toml_value(value)}")
+            lines.append("")
+        return "\n".join(lines)
+
+
+# Allowed values of string keys; checked after types.
+_CHOICES = {
+    ("run", "algorithm"): ALGORITHMS,
+    ("train", "optimizer"): OPTIMIZERS,
+    ("model", "activation"): ACTIVATIONS,
+    ("data", "source"): SOURCES,
+}
+
+
+def load(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Load a TOML config file and apply ``table.key=value`` overrides.
+
+    Args:
+        path: the TOML file, or None for the built-in defaults.
+        overrides: strings like ``"train.lr=0.1"``; the value is parsed as TOML,
+            falling back to a bare string.
+
+    Raises:
+        ConfigError: unreadable file, unknown table or key, wrong type, bad value.
+    """
+    source = str(path) if path is not None else "<defaults>"
+    raw: dict = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    for item in overrides:
+        _apply_override(raw, item)
+    return from_dict(raw, source)
+
+
+def from_dict(raw: dict, source: str = "<dict>") -> Config:
+    """Build a :class:`Config` from nested dicts, checking every key and type."""
+    tables = {f.name: f for f in fields(Config)}
+    kwargs = {}
+    for name, values in raw.items():
+        if name not in tables:
+            raise ConfigError(f"{source}: unknown table [{name}] (known: {', '.join(tables)})")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: [{name}] must be a table")
+        kwargs[name] = _build_table(tables[name].default_factory, name, values, source)
+    config = Config(**kwargs)
+    _check(config, source)
+    return config
+
+
+def _build_table(cls: type, table: str, values: dict, source: str):
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(
+                f"{source}: unknown key {table}.{key} (known: {', '.join(sorted(known))})"
+            )
+        values[key] = _coerce(value, hints[key], f"{table}.{key}", source)
+    return cls(**values)
+
+
+def _coerce(value, hint, key: str, source: str):
+    """Check ``value`` against the field's type; ints are accepted where floats are."""
+    expected = hint
+    if isinstance(hint, types.UnionType):
+        expected = tuple(t for t in typing.get_args(hint) if t is not type(None))
+    ok = isinstance(value, expected) and not (isinstance(value, bool) and hint is not bool)
+    if not ok and hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not ok:
+        name = getattr(hint, "__name__", str(hint))
+        raise ConfigError(
+            f"{source}: {key} must be {name}, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def _check(config: Config, source: str) -> None:
+    """Range and choice checks that types alone cannot express."""
+    for (table, key), choices in _CHOICES.items():
+        value = getattr(getattr(config, table), key)
+        if value not in choices:
+            raise ConfigError(
+                f"{source}: {table}.{key} = {value!r} is not one of {', '.join(choices)}"
+            )
+    positive = [
+        ("layout", "partitions"), ("model", "hidden"), ("run", "threads"),
+        ("data", "states_per_digit"), ("data", "context"), ("data", "n_mels"),
+        ("train", "batch"), ("downpour", "n_fetch"), ("downpour", "n_push"),
+    ]
+    for table, key in positive:
+        if getattr(getattr(config, table), key) < 1:
+            raise ConfigError(f"{source}: {table}.{key} must be at least 1")
+    non_negative = [
+        ("layout", "shards"), ("layout", "replicas"), ("model", "layers"), ("train", "epochs"),
+        ("train", "max_seconds"), ("train", "eval_every"), ("train", "eval_samples"),
+        ("downpour", "warmstart_steps"),
+    ]
+    for table, key in non_negative:
+        if getattr(getattr(config, table), key) < 0:
+            raise ConfigError(f"{source}: {table}.{key} must not be negative")
+    if config.train.lr <= 0:
+        raise ConfigError(f"{source}: train.lr must be positive")
+    if config.data.context % 2 == 0:
+        raise ConfigError(f"{source}: data.context must be odd (centre frame plus both sides)")
+    if config.run.algorithm == "downpour" and config.layout.shards < 1:
+        raise ConfigError(f"{source}: run.algorithm = 'downpour' needs layout.shards >= 1")
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, text = item.partition("=")
+    table, dot, name = key.strip().partition(".")
+    if not sep or not dot or not table or not name:
+        raise ConfigError(f"override {item!r} must look like table.key=value")
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    section = raw.setdefault(table, {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"override {item!r}: [{table}] is not a table")
+    section[name] = value
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
