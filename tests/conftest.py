@@ -23,13 +23,15 @@ def mpiexec() -> str:
     return str(local) if local.exists() else "mpiexec"
 
 
-def run_job(args, np: int = 1, timeout: float = 120, cwd=None, env=None, mpi: bool = True):
+def run_job(args, np: int = 1, timeout: float = 120, cwd=None, env=None, mpi: bool = True,
+            guard: bool = True):
     """Run ``python ARGS`` (under ``mpiexec -n np`` when ``mpi``) and return the result.
 
-    ``python -m mpi4py`` makes an uncaught exception on any rank abort the whole job,
-    so a failing rank ends the test promptly instead of hanging its peers.
+    With ``guard``, ``python -m mpi4py`` makes an uncaught exception on any rank abort
+    the whole job, so a failing test script ends promptly instead of hanging its peers.
+    The mpibelief CLI does that itself and is run without it, as users run it.
     """
-    cmd = [sys.executable, "-m", "mpi4py", *map(str, args)]
+    cmd = [sys.executable, *(["-m", "mpi4py"] if guard else []), *map(str, args)]
     if mpi:
         cmd = [mpiexec(), "-n", str(np), *cmd]
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
