@@ -1,0 +1,147 @@
+"""Command line: ``python -m mpibelief {train,info,plot,data} ...``.
+
+Errors the user can fix print one line, ``mpibelief: error: ...``, and end the whole
+MPI job: a config or layout error is found identically on every rank, so only rank 0
+prints it and every rank exits; any other error may strike one rank alone, so that
+rank prints it and calls ``MPI_Abort`` rather than leave its peers waiting forever.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+from mpibelief import config as configs
+from mpibelief.errors import ConfigError, LayoutError, UserError
+
+EPILOG = """examples:
+  python -m mpibelief info --np 5 configs/demo.toml
+  mpiexec -n 5 python -m mpibelief train configs/demo.toml
+  python -m mpibelief train configs/sgd.toml --set train.epochs=2 --set model.hidden=1024
+  python -m mpibelief plot accuracy results/demo.h5 results/sgd.h5 --out results/cmp.png
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mpibelief", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="DistBelief (Dean et al., NIPS 2012) on MPI: train, inspect, plot.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(name: str, help_: str) -> argparse.ArgumentParser:
+        q = sub.add_parser(name, help=help_, description=help_)
+        q.add_argument("config", help="experiment TOML file (see configs/)")
+        q.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE",
+                       help="override one config key, e.g. --set train.lr=0.1 (repeatable)")
+        return q
+
+    train = with_config("train", "train as the config says (alone or under mpiexec)")
+    train.add_argument("--out", help="result file (default: RESULTS_DIR/RUN_NAME.h5)")
+    info = with_config("info", "print the rank/role table and model size for a world size")
+    info.add_argument("--np", type=int, required=True, help="the world size to check")
+    with_config("data", "build (or check) the feature cache and describe the data")
+
+    plot = sub.add_parser("plot", help="draw figures from result files")
+    plot.add_argument("figure", choices=["accuracy"], help="which figure")
+    plot.add_argument("runs", nargs="+", help="HDF5 result files")
+    plot.add_argument("--out", help="PNG to write (default: beside the first run)")
+    return p
+
+
+def cmd_train(args, cfg) -> int:
+    from mpibelief.train import run
+
+    run(cfg, args.out)
+    return 0
+
+
+def cmd_info(args, cfg) -> int:
+    from mpibelief.layout import layout_for
+
+    lay = layout_for(args.np, cfg)
+    print(f"config: {args.config}  algorithm: {cfg.run.algorithm}  world: {lay.world} ranks")
+    print(f"layout: {lay.shards} shards, {lay.replicas} replicas x {lay.partitions} partitions")
+    n_in, n_out = _model_io(cfg)
+    widths = [n_in] + [cfg.model.hidden] * cfg.model.layers + [n_out]
+    n_params = sum(a * b + b for a, b in zip(widths[:-1], widths[1:], strict=True))
+    print(f"model: {'-'.join(map(str, widths))} {cfg.model.activation},"
+          f" {n_params:,} parameters ({4 * n_params / 2**20:.1f} MiB float32)")
+    print(lay.table())
+    return 0
+
+
+def _model_io(cfg) -> tuple[int, int]:
+    """Input and output widths the data will give, without loading it."""
+    d = cfg.data
+    if d.source == "fsdd":
+        return d.n_mels * d.context, 10 * d.states_per_digit
+    if d.source == "synthetic":
+        return d.n_inputs, d.n_classes
+    from mpibelief.data import load_dataset
+
+    data = load_dataset(d)
+    return data.n_inputs, data.n_classes
+
+
+def cmd_data(args, cfg) -> int:
+    from mpibelief.data import load_dataset
+
+    data = load_dataset(cfg.data)
+    counts = [int((data.y_train == c).sum()) for c in range(data.n_classes)]
+    print(f"{data.name}: train {data.x_train.shape}, test {data.x_test.shape},"
+          f" {data.n_classes} classes (train frames per class {min(counts)}..{max(counts)})")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from mpibelief.plots.accuracy import plot_accuracy
+
+    out = plot_accuracy(args.runs, args.out)
+    print(f"wrote {out}")
+    return 0
+
+
+def _world():
+    """(rank, size) if MPI is initialised, else (0, 1): never initialise it here."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is None or not mpi.Is_initialized() or mpi.Is_finalized():
+        return 0, 1
+    return mpi.COMM_WORLD.rank, mpi.COMM_WORLD.size
+
+
+def _fail(message: str, code: int, everywhere: bool) -> int:
+    rank, size = _world()
+    if rank == 0 or not everywhere:
+        print(f"mpibelief: error: {message}", file=sys.stderr, flush=True)
+    if size > 1 and not everywhere:
+        sys.modules["mpi4py.MPI"].COMM_WORLD.Abort(code)
+    return code
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "plot":
+            return cmd_plot(args)
+        cfg = configs.load(args.config, args.set)
+        # Before numpy and numba load: one thread each per rank unless asked otherwise.
+        for var in ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+            os.environ.setdefault(var, str(cfg.run.threads))
+        return {"train": cmd_train, "info": cmd_info, "data": cmd_data}[args.command](args, cfg)
+    except (ConfigError, LayoutError) as exc:
+        return _fail(str(exc), 2, everywhere=True)
+    except UserError as exc:
+        return _fail(str(exc), 2, everywhere=False)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130, everywhere=False)
+    except Exception:
+        if _world()[1] == 1:
+            raise
+        traceback.print_exc()
+        return _fail("the exception above ended the job", 1, everywhere=False)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

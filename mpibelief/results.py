@@ -1,0 +1,147 @@
+"""The one HDF5 writer: every run leaves one file in this layout, written by one rank.
+
+File layout (``mpibelief plot`` and the figure scripts read nothing else)::
+
+    /                    attributes
+        config           the resolved config as TOML text
+        algorithm        e.g. "sgd", "downpour"
+        world_size       number of MPI ranks
+        roles            the rank/role table, one line per rank
+        status           "running" while training, then "complete" or "failed: <why>"
+        start_time       ISO 8601, UTC
+        hosts            host names of the ranks, comma separated
+        slurm_job_id     "" outside Slurm
+        git_commit       "" outside a git checkout
+        version_mpibelief, version_numpy, version_numba, version_mpi4py, version_h5py,
+        mpi_library      versions of everything that shapes the numbers
+    /metrics/<name>      1-D float64 time series, chunked and resizable, one row per sample:
+        wall_seconds     training time since the start (evaluation pauses excluded
+                         where the trainer evaluates itself)
+        samples          training samples processed, all replicas together
+        updates          parameter updates applied
+        train_loss, train_accuracy   on a fixed sample of the training set
+        test_loss, test_accuracy     on the whole test set
+    /ranks/<name>        one entry per rank: rank, samples (trained on), train_seconds
+                         (wall time in the training loop; a shard's: serving),
+                         compute_seconds (a shard's: applying updates), comm_seconds,
+                         wait_seconds (a shard's: idle), bytes_pushed, bytes_pulled
+    /server/<name>       parameter-server runs only: applied, refused (per shard),
+                         staleness (histogram: count of pushes by updates missed)
+    /bench/<name>/...    benchmark results (each bench documents its own group)
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+METRICS = (
+    "wall_seconds", "samples", "updates",
+    "train_loss", "train_accuracy", "test_loss", "test_accuracy",
+)
+RANK_FIELDS = (
+    "rank", "samples", "train_seconds", "compute_seconds", "comm_seconds", "wait_seconds",
+    "bytes_pushed", "bytes_pulled",
+)
+
+
+def provenance() -> dict[str, str]:
+    """Versions, host, Slurm job and git commit, for the root attributes."""
+    import mpi4py
+    import numba
+
+    import mpibelief
+
+    attrs = {
+        "version_mpibelief": mpibelief.__version__,
+        "version_numpy": np.__version__,
+        "version_numba": numba.__version__,
+        "version_mpi4py": mpi4py.__version__,
+        "version_h5py": h5py.__version__,
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
+        "git_commit": _git_commit(),
+        "start_time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "hosts": socket.gethostname(),
+    }
+    try:
+        from mpi4py import MPI
+
+        attrs["mpi_library"] = MPI.Get_library_version().strip().splitlines()[0]
+    except Exception:  # noqa: BLE001 - provenance must never fail a run
+        attrs["mpi_library"] = "unknown"
+    return attrs
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+        return out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+class ResultWriter:
+    """Creates a run's HDF5 file and appends to it as the run goes.
+
+    The file is flushed after every metrics row, so a run that dies still leaves
+    everything measured up to then, with ``status`` saying it did not complete.
+    """
+
+    def __init__(self, path: str | Path, attrs: dict):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = h5py.File(self.path, "w")
+        for key, value in {**provenance(), **attrs}.items():
+            self.file.attrs[key] = value
+        self.file.attrs["status"] = "running"
+        group = self.file.create_group("metrics")
+        for name in METRICS:
+            group.create_dataset(name, shape=(0,), maxshape=(None,), dtype="f8", chunks=(256,))
+        self.file.flush()
+
+    def append_metrics(self, row: dict) -> None:
+        """Append one sample; missing names are stored as NaN."""
+        group = self.file["metrics"]
+        for name in METRICS:
+            data = group[name]
+            data.resize((data.shape[0] + 1,))
+            data[-1] = row.get(name, np.nan)
+        self.file.flush()
+
+    def write_table(self, group: str, columns: dict) -> None:
+        """Write named 1-D arrays under ``/group`` (e.g. per-rank or per-shard stats)."""
+        grp = self.file.require_group(group)
+        for name, values in columns.items():
+            if name in grp:
+                del grp[name]
+            grp.create_dataset(name, data=np.asarray(values))
+
+    def close(self, status: str = "complete") -> None:
+        if self.file.id.valid:
+            self.file.attrs["status"] = status
+            self.file.close()
+
+    def __enter__(self) -> ResultWriter:
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        self.close("complete" if exc is None else f"failed: {exc}")
+
+
+def read_metrics(path: str | Path) -> tuple[dict, dict]:
+    """The root attributes and the ``/metrics`` series of a result file."""
+    with h5py.File(path, "r") as f:
+        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+        if "metrics" not in f:
+            raise KeyError(f"{path}: no /metrics group (not an mpibelief result file?)")
+        series = {name: f["metrics"][name][()] for name in f["metrics"]}
+    return attrs, series

@@ -1,0 +1,94 @@
+"""``mpibelief train``: set up a run on every rank and hand it to its algorithm.
+
+The only module that touches ``COMM_WORLD`` (besides the CLI's error handling):
+it checks the world against the layout, loads the data (rank 0 builds the feature
+cache first so the other ranks read it instead of all extracting at once), builds
+the model, opens the result file on the coordinating rank and dispatches.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mpibelief import layout as layouts
+from mpibelief.config import Config
+from mpibelief.errors import ConfigError
+
+
+def model_summary(model) -> str:
+    widths = [model.n_inputs] + [layer.n_out for layer in model.layers]
+    return f"{'-'.join(map(str, widths))} ({model.n_params / 1e6:.2f}M parameters)"
+
+
+def result_path(cfg: Config, out: str | None) -> Path:
+    return Path(out) if out else Path(cfg.run.results_dir) / f"{cfg.run.name}.h5"
+
+
+def check_algorithm(cfg: Config) -> None:
+    lay = cfg.layout
+    if cfg.run.algorithm == "sgd" and (lay.shards, lay.replicas, lay.partitions) != (0, 1, 1):
+        raise ConfigError(
+            "run.algorithm = 'sgd' trains one replica of one partition with no shards:"
+            " set layout.shards = 0, layout.replicas = 1, layout.partitions = 1"
+        )
+
+
+def run(cfg: Config, out: str | None = None) -> dict | None:
+    """Train as the config says; returns the summary on the coordinating rank."""
+    from mpi4py import MPI
+
+    from mpibelief.data import load_dataset
+    from mpibelief.model import Model
+    from mpibelief.results import ResultWriter
+
+    comm = MPI.COMM_WORLD
+    check_algorithm(cfg)
+    lay = layouts.layout_for(comm.size, cfg)
+    role = lay.roles[comm.rank]
+    if comm.rank == 0:
+        data = load_dataset(cfg.data)
+    comm.Barrier()
+    if comm.rank != 0:
+        data = load_dataset(cfg.data)
+    model = Model.from_config(cfg.model, data.x_train.shape[1], data.n_classes)
+    model.init(cfg.run.seed, cfg.model.init_scale)
+
+    writer = None
+    if role.coordinates:
+        path = result_path(cfg, out)
+        print(f"mpibelief: {cfg.run.algorithm} on {data.name}: {len(data.y_train)} train /"
+              f" {len(data.y_test)} test frames, {data.n_classes} classes; model"
+              f" {model_summary(model)}; {comm.size} rank(s); results -> {path}", flush=True)
+        writer = ResultWriter(path, {
+            "config": cfg.to_toml(), "algorithm": cfg.run.algorithm,
+            "world_size": comm.size, "roles": lay.table(), "dataset": data.name,
+            "n_classes": data.n_classes,
+            "n_params": model.n_params,
+        })
+    try:
+        summary = _dispatch(cfg, comm, lay, data, model, writer)
+    except BaseException as exc:
+        if writer is not None:
+            writer.close(f"failed: {exc}")
+        raise
+    if writer is not None:
+        writer.close()
+        print(f"mpibelief: done in {summary['train_seconds']:.1f}s training time:"
+              f" test accuracy {summary['test_accuracy']:.4f}, train accuracy"
+              f" {summary['train_accuracy']:.4f}; wrote {writer.path}", flush=True)
+    return summary
+
+
+def _dispatch(cfg, comm, lay, data, model, writer):
+    if cfg.run.algorithm == "sgd":
+        from mpibelief.algorithms.sgd import train_sgd
+        from mpibelief.results import RANK_FIELDS
+
+        summary = train_sgd(cfg, data, model, writer)
+        secs = summary["train_seconds"]
+        row = (0, summary["steps"] * cfg.train.batch, secs, secs, 0.0, 0.0, 0, 0)
+        writer.write_table("ranks", {n: [v] for n, v in zip(RANK_FIELDS, row, strict=True)})
+        return summary
+    from mpibelief.algorithms.downpour import train_downpour
+
+    return train_downpour(cfg, comm, lay, data, model, writer)
