@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-NP     ?= 1
+NP     ?= 5
 DEMO   ?= configs/demo.toml
 
 .PHONY: install demo test lint bench figures clean
@@ -32,6 +32,8 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/kernels.py
+	$(BIN)/mpiexec -n 3 $(BIN)/python -m mpi4py bench/rma.py
+	$(BIN)/python bench/downpour.py
 
 clean:
 	rm -rf results/*.h5 results/*.png .cache .pytest_cache .ruff_cache

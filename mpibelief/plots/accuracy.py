@@ -17,6 +17,15 @@ def _label(path: Path, attrs: dict) -> str:
     return f"{path.stem} ({algo}, {attrs.get('world_size', '?')} ranks)"
 
 
+def time_unit(seconds: float) -> tuple[float, str]:
+    """A readable unit for an axis that runs to ``seconds``: (divisor, name)."""
+    if seconds < 120:
+        return 1.0, "seconds"
+    if seconds < 2 * 3600:
+        return 60.0, "minutes"
+    return 3600.0, "hours"
+
+
 def plot_accuracy(runs: list[str], out: str | None = None) -> Path:
     """Draw the figure; returns the PNG's path (default: the first run's, .png)."""
     import matplotlib
@@ -26,22 +35,27 @@ def plot_accuracy(runs: list[str], out: str | None = None) -> Path:
 
     fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
     chance = None
-    for i, run in enumerate(runs):
+    loaded = []
+    for run in runs:
         path = Path(run)
         try:
-            attrs, m = read_metrics(path)
+            loaded.append((path, *read_metrics(path)))
         except (OSError, KeyError) as exc:
             raise UserError(f"cannot read result file {path}: {exc}") from None
+    longest = max((float(m["wall_seconds"].max(initial=0)) for _, _, m in loaded), default=0)
+    scale, unit = time_unit(longest)
+    for i, (path, attrs, m) in enumerate(loaded):
         color = f"C{i}"
-        t = m["wall_seconds"] / 60.0
+        t = m["wall_seconds"] / scale
         ax.plot(t, m["test_accuracy"], "-o", ms=3, color=color,
-                label=f"{_label(path, attrs)} test")
-        ax.plot(t, m["train_accuracy"], "--", color=color, alpha=0.7, label="train")
+                label=f"{_label(path, attrs)}: test")
+        ax.plot(t, m["train_accuracy"], "--", color=color, alpha=0.7,
+                label=f"{path.stem}: train")
         if "n_classes" in attrs:
             chance = 1.0 / float(attrs["n_classes"])
     if chance:
         ax.axhline(chance, color="grey", lw=0.8, ls=":", label="chance")
-    ax.set_xlabel("training time (minutes)")
+    ax.set_xlabel(f"training time ({unit})")
     ax.set_ylabel("frame accuracy")
     ax.set_ylim(0, 1)
     ax.set_xlim(left=0)
