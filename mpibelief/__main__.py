@@ -103,11 +103,20 @@ def cmd_plot(args) -> int:
     return 0
 
 
+# Set by the launchers (MPICH/Hydra, Open MPI, PMIx, Slurm) before MPI is initialised.
+_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
+
+
 def _world():
-    """(rank, size) if MPI is initialised, else (0, 1): never initialise it here."""
+    """(rank, size) of this process; never initialises MPI just to find out.
+
+    A config error is raised before MPI starts, so the rank then comes from the
+    launcher's environment: that is what keeps N ranks from printing it N times.
+    """
     mpi = sys.modules.get("mpi4py.MPI")
     if mpi is None or not mpi.Is_initialized() or mpi.Is_finalized():
-        return 0, 1
+        rank = next((os.environ[v] for v in _RANK_VARS if v in os.environ), "0")
+        return int(rank) if rank.isdigit() else 0, 1
     return mpi.COMM_WORLD.rank, mpi.COMM_WORLD.size
 
 

@@ -97,6 +97,7 @@ def make_layout(world: int, shards: int, replicas: int, partitions: int) -> Layo
     if world != need:
         raise LayoutError(
             f"need {need} ranks, got {world} ({_spell(shards, replicas, partitions)})"
+            + _launch_hint(world, need)
         )
     roles = []
     if shards:
@@ -121,8 +122,13 @@ def _fill(world: int, shards: int, partitions: int) -> int:
         hint = "" if lo == world else f" (or {lo + partitions}, {lo + 2 * partitions}, ...)"
         raise LayoutError(
             f"need {lo} ranks{hint}, got {world} ({_spell(shards, None, partitions)})"
+            + _launch_hint(world, lo)
         )
     return replicas
+
+
+def _launch_hint(world: int, need: int) -> str:
+    return f"; start it with: mpiexec -n {need} python -m mpibelief ..." if world == 1 else ""
 
 
 def _spell(shards: int, replicas: int | None, partitions: int) -> str:

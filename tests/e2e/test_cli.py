@@ -92,3 +92,10 @@ def test_plot_of_missing_file_is_one_line(tmp_path):
     result = cli("plot", "accuracy", tmp_path / "none.h5")
     assert_one_line_error(result, "none.h5")
 
+
+
+def test_config_error_under_mpiexec_is_printed_once(tmp_path):
+    result = cli("train", "configs/demo.toml", "--set", "train.lr='fast'",
+                 "--out", tmp_path / "x.h5", np=5, mpi=True)
+    assert_one_line_error(result, "train.lr must be float")
+    assert result.stderr.count("mpibelief: error:") == 1
