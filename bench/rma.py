@@ -280,6 +280,21 @@ def print_table(table: dict) -> None:
         print(f"{label:>5} {row} |{rat}", flush=True)
 
 
+GOAL = 0.5  # issue 3: push and pull reach half of raw Get at 1 MiB and above
+
+
+def print_verdict(table: dict) -> None:
+    """The goal's verdict for ``pull`` and ``push``; the harder modes for information."""
+    big = table["raw_get"]["sizes"] >= 1 << 20
+    if not big.any():
+        return
+    for mode in ("pull", "push", "pull_fresh", "push_checked"):
+        worst = float(table[mode]["ratio_to_raw_get"][big].min())
+        verdict = ("PASS" if worst >= GOAL else "FAIL") if mode in ("pull", "push") else "info"
+        print(f"{verdict}: {mode} at >= 1 MiB reaches {worst:.2f} x raw Get at worst"
+              f" (goal >= {GOAL})")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     sys.path.insert(0, str(ROOT))
@@ -297,6 +312,7 @@ def main(argv=None) -> None:
         table = summarise(sizes, results)
         write(args.out, table)
         print_table(table)
+        print_verdict(table)
         print(f"wrote {args.out}", flush=True)
 
 

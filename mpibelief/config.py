@@ -9,6 +9,7 @@ line (``--set train.lr=0.05``); the override is parsed as a TOML value.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -222,8 +223,19 @@ def _check(config: Config, source: str) -> None:
     for table, key in non_negative:
         if getattr(getattr(config, table), key) < 0:
             raise ConfigError(f"{source}: {table}.{key} must not be negative")
+    for table in fields(config):
+        for key, value in dataclasses.asdict(getattr(config, table.name)).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{source}: {table.name}.{key} must be finite, got {value}")
     if config.train.lr <= 0:
         raise ConfigError(f"{source}: train.lr must be positive")
+    if config.train.adagrad_eps <= 0:
+        raise ConfigError(f"{source}: train.adagrad_eps must be positive")
+    if config.layout.partitions != 1:
+        raise ConfigError(
+            f"{source}: layout.partitions = {config.layout.partitions}: model parallelism"
+            " (one replica over several ranks) is not built yet; use 1"
+        )
     if config.data.context % 2 == 0:
         raise ConfigError(f"{source}: data.context must be odd (centre frame plus both sides)")
     if config.run.algorithm == "downpour" and config.layout.shards < 1:

@@ -13,6 +13,7 @@ import time
 import numpy as np
 
 from mpibelief.comm import CONTROL_TAG, quiet_wait
+from mpibelief.errors import UserError
 from mpibelief.progress import Progress
 
 
@@ -36,13 +37,21 @@ class Coordinator:
         row = {"wall_seconds": wall, "updates": updates,
                "samples": updates * self.samples_per_update, **self.evaluate(self.model)}
         self.writer.append_metrics(row)
+        if not np.isfinite(row["test_loss"]):
+            raise UserError(
+                f"training diverged: the shards' parameters give a non-finite loss after"
+                f" {updates} updates (try a smaller train.lr)"
+            )
         self.progress.update(row["samples"] - self.progress.done,
                              test_acc=row["test_accuracy"], train_acc=row["train_accuracy"])
         self.row = row
         return row
 
     def watch(self, workers: list[int]) -> dict:
-        """Evaluate periodically until every worker reports; returns their stats by rank."""
+        """Evaluate periodically until every worker reports; returns their stats by rank.
+
+        The final sample is the caller's, once the shards have applied every push.
+        """
         pending = {r: self.comm.irecv(source=r, tag=CONTROL_TAG) for r in workers}
         reports: dict = {}
         next_eval = 0.0
@@ -58,9 +67,13 @@ class Coordinator:
                 next_eval = time.perf_counter() - self.start + self.eval_every
             elif pending:
                 time.sleep(min(0.02, next_eval - now))
-        self.sample()
-        self.progress.close()
         return reports
+
+    def finish(self) -> dict:
+        """The last sample, taken after the shards have stopped; closes the progress bar."""
+        row = self.sample()
+        self.progress.close()
+        return row
 
     def collect(self, sources: list[int]) -> list:
         """Receive one control message from each of ``sources``, without spinning."""

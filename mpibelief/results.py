@@ -9,7 +9,7 @@ File layout (``mpibelief plot`` and the figure scripts read nothing else)::
         roles            the rank/role table, one line per rank
         status           "running" while training, then "complete" or "failed: <why>"
         start_time       ISO 8601, UTC
-        hosts            host names of the ranks, comma separated
+        hosts            host names of the ranks, comma separated, with rank counts
         slurm_job_id     "" outside Slurm
         git_commit       "" outside a git checkout
         version_mpibelief, version_numpy, version_numba, version_mpi4py, version_h5py,
@@ -17,7 +17,8 @@ File layout (``mpibelief plot`` and the figure scripts read nothing else)::
     /metrics/<name>      1-D float64 time series, chunked and resizable, one row per sample:
         wall_seconds     training time since the start (evaluation pauses excluded
                          where the trainer evaluates itself)
-        samples          training samples processed, all replicas together
+        samples          training samples whose gradients have been applied to the
+                         parameters, all replicas together (refused pushes not counted)
         updates          parameter updates applied
         train_loss, train_accuracy   on a fixed sample of the training set
         test_loss, test_accuracy     on the whole test set
@@ -40,6 +41,8 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+
+from mpibelief.errors import UserError
 
 METRICS = (
     "wall_seconds", "samples", "updates",
@@ -98,8 +101,11 @@ class ResultWriter:
 
     def __init__(self, path: str | Path, attrs: dict):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = h5py.File(self.path, "w")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = h5py.File(self.path, "w")
+        except OSError as exc:
+            raise UserError(f"cannot write result file {self.path}: {exc}") from None
         for key, value in {**provenance(), **attrs}.items():
             self.file.attrs[key] = value
         self.file.attrs["status"] = "running"

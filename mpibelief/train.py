@@ -8,6 +8,8 @@ the model, opens the result file on the coordinating rank and dispatches.
 
 from __future__ import annotations
 
+import socket
+from collections import Counter
 from pathlib import Path
 
 from mpibelief import layout as layouts
@@ -50,9 +52,16 @@ def run(cfg: Config, out: str | None = None) -> dict | None:
     comm.Barrier()
     if comm.rank != 0:
         data = load_dataset(cfg.data)
+    per_replica = len(data.y_train) // lay.replicas
+    if per_replica < cfg.train.batch:
+        raise ConfigError(
+            f"train.batch = {cfg.train.batch} is more than the {per_replica} training rows"
+            f" each of {lay.replicas} replica(s) gets: use a smaller batch or more data"
+        )
     model = Model.from_config(cfg.model, data.x_train.shape[1], data.n_classes)
     model.init(cfg.run.seed, cfg.model.init_scale)
 
+    hosts = comm.gather(socket.gethostname())
     writer = None
     if role.coordinates:
         path = result_path(cfg, out)
@@ -62,7 +71,7 @@ def run(cfg: Config, out: str | None = None) -> dict | None:
         writer = ResultWriter(path, {
             "config": cfg.to_toml(), "algorithm": cfg.run.algorithm,
             "world_size": comm.size, "roles": lay.table(), "dataset": data.name,
-            "n_classes": data.n_classes,
+            "n_classes": data.n_classes, "hosts": _host_list(hosts),
             "n_params": model.n_params,
         })
     try:
@@ -77,6 +86,11 @@ def run(cfg: Config, out: str | None = None) -> dict | None:
               f" test accuracy {summary['test_accuracy']:.4f}, train accuracy"
               f" {summary['train_accuracy']:.4f}; wrote {writer.path}", flush=True)
     return summary
+
+
+def _host_list(hosts: list[str]) -> str:
+    counts = Counter(hosts)
+    return ", ".join(f"{host} x{n}" for host, n in sorted(counts.items()))
 
 
 def _dispatch(cfg, comm, lay, data, model, writer):

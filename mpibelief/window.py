@@ -120,7 +120,9 @@ class Window:
         Completed (flushed) on return, so later operations are ordered after it.
         """
         self._word[0] = value
-        self.win.Fetch_and_op(self._word, self._result, rank, offset, op)
+        # INT64_T everywhere: accumulate atomicity holds only between identical datatypes.
+        self.win.Fetch_and_op([self._word, MPI.INT64_T], [self._result, MPI.INT64_T], rank,
+                              offset, op)
         self.win.Flush(rank)
         return int(self._result[0])
 
@@ -254,7 +256,8 @@ class InboxWindow(Window):
         unchanged until that flush (MPI may use them any time before it).  Measured
         faster than a one-element ``Accumulate(REPLACE)`` (about 10 vs 18 us).
         """
-        self.win.Fetch_and_op(word, old, rank, self.word_offset(client, slot), MPI.REPLACE)
+        self.win.Fetch_and_op([word, MPI.INT64_T], [old, MPI.INT64_T], rank,
+                              self.word_offset(client, slot), MPI.REPLACE)
 
     def local_words(self) -> np.ndarray:
         """Every slot word of this shard, read atomically, shape ``(clients, depth)``."""

@@ -87,14 +87,16 @@ def _coordinate(cfg, comm, lay, ps, client, data, model, writer) -> dict:
                         total_samples=total, eval_every=cfg.train.eval_every,
                         name=f"downpour[{lay.replicas}]")
     reports = coord.watch(lay.worker_ranks())
-    ps.stop()
+    ps.stop()  # returns once the shards have applied every push
     shard_stats = coord.collect(lay.shard_ranks())
+    row = coord.finish()
     _write_tables(writer, client, reports, shard_stats, lay)
-    applied = sum(s.applied for s in shard_stats)
-    refused = sum(s.refused for s in shard_stats)
-    print(f"mpibelief: shards applied {applied} and refused {refused} pushes"
-          f" (mean staleness {mean_staleness(shard_stats):.2f} updates)", flush=True)
-    return {"train_seconds": coord.row["wall_seconds"], **coord.row}
+    # Every push reaches every shard, so one shard's counts are the pushes'.
+    nonfinite = sum(w.nonfinite for w in reports.values())
+    print(f"mpibelief: {shard_stats[0].applied} pushes applied, {shard_stats[0].refused}"
+          f" refused ({nonfinite} non-finite gradients computed); mean staleness"
+          f" {mean_staleness(shard_stats):.2f} updates", flush=True)
+    return {"train_seconds": row["wall_seconds"], **row}
 
 
 def merged_staleness(shard_stats) -> np.ndarray:

@@ -58,3 +58,19 @@ def test_downpour_adagrad_matches_single_replica_on_speech(tmp_path):
     assert base > 0.6
     assert downpour >= base - 0.01, (downpour, base)
     assert staleness[1:].sum() > 0  # asynchronous for real: some pushes were stale
+
+
+def test_diverging_downpour_fails_with_one_line(tmp_path):
+    out = tmp_path / "x.h5"
+    result = cli("train", "configs/demo.toml", *SMALL, "--set", "train.optimizer='sgd'",
+                 "--set", "train.lr=1e30", "--out", out, np=4, mpi=True, timeout=60)
+    assert_one_line_error(result, "training diverged")
+    with h5py.File(out) as f:
+        assert f.attrs["status"].startswith("failed: training diverged")
+
+
+def test_batch_larger_than_a_replicas_data(tmp_path):
+    result = cli("train", "configs/demo.toml", *SMALL, "--set", "data.n_train=200",
+                 "--set", "train.batch=128", "--out", tmp_path / "x.h5", np=5, mpi=True)
+    assert_one_line_error(result, "train.batch = 128 is more than the 100 training rows")
+    assert result.stderr.count("mpibelief: error:") == 1

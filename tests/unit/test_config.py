@@ -48,6 +48,10 @@ def test_overrides_parse_toml_values():
         ("[data]\ncontext = 10\n", "data.context must be odd"),
         ("[train\n", "not valid TOML"),
         ('[run]\nalgorithm = "downpour"\n', "needs layout.shards >= 1"),
+        ("[train]\nepochs = inf\n", "train.epochs must be finite"),
+        ("[train]\nmax_seconds = nan\n", "train.max_seconds must be finite"),
+        ("[train]\nadagrad_eps = -1.0\n", "train.adagrad_eps must be positive"),
+        ("[layout]\npartitions = 2\n", "model parallelism"),
     ],
 )
 def test_bad_configs_name_the_key_and_file(tmp_path, text, needle):
