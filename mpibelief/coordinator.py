@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from mpibelief.comm import CONTROL_TAG, quiet_wait
+from mpibelief.comm import CONTROL_TAG, quiet_recv
 from mpibelief.errors import UserError
 from mpibelief.progress import Progress
 
@@ -77,4 +77,4 @@ class Coordinator:
 
     def collect(self, sources: list[int]) -> list:
         """Receive one control message from each of ``sources``, without spinning."""
-        return [quiet_wait(self.comm.irecv(source=s, tag=CONTROL_TAG)) for s in sources]
+        return [quiet_recv(self.comm, source=s) for s in sources]

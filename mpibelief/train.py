@@ -39,6 +39,7 @@ def run(cfg: Config, out: str | None = None) -> dict | None:
     """Train as the config says; returns the summary on the coordinating rank."""
     from mpi4py import MPI
 
+    from mpibelief.comm import quiet_barrier
     from mpibelief.data import load_dataset
     from mpibelief.model import Model
     from mpibelief.results import ResultWriter
@@ -47,9 +48,12 @@ def run(cfg: Config, out: str | None = None) -> dict | None:
     check_algorithm(cfg)
     lay = layouts.layout_for(comm.size, cfg)
     role = lay.roles[comm.rank]
+    hosts = comm.gather(socket.gethostname())  # now, while every rank arrives at once
     if comm.rank == 0:
         data = load_dataset(cfg.data)
-    comm.Barrier()
+    # A blocking Barrier spins: with more ranks than cores the waiting ranks would
+    # steal the core rank 0 needs to build the feature cache.
+    quiet_barrier(comm)
     if comm.rank != 0:
         data = load_dataset(cfg.data)
     per_replica = len(data.y_train) // lay.replicas
@@ -61,7 +65,6 @@ def run(cfg: Config, out: str | None = None) -> dict | None:
     model = Model.from_config(cfg.model, data.x_train.shape[1], data.n_classes)
     model.init(cfg.run.seed, cfg.model.init_scale)
 
-    hosts = comm.gather(socket.gethostname())
     writer = None
     if role.coordinates:
         path = result_path(cfg, out)
@@ -96,13 +99,8 @@ def _host_list(hosts: list[str]) -> str:
 def _dispatch(cfg, comm, lay, data, model, writer):
     if cfg.run.algorithm == "sgd":
         from mpibelief.algorithms.sgd import train_sgd
-        from mpibelief.results import RANK_FIELDS
 
-        summary = train_sgd(cfg, data, model, writer)
-        secs = summary["train_seconds"]
-        row = (0, summary["steps"] * cfg.train.batch, secs, secs, 0.0, 0.0, 0, 0)
-        writer.write_table("ranks", {n: [v] for n, v in zip(RANK_FIELDS, row, strict=True)})
-        return summary
+        return train_sgd(cfg, data, model, writer)
     from mpibelief.algorithms.downpour import train_downpour
 
     return train_downpour(cfg, comm, lay, data, model, writer)

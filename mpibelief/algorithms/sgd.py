@@ -18,6 +18,7 @@ from mpibelief.errors import UserError
 from mpibelief.model import Model
 from mpibelief.optim import Optimizer
 from mpibelief.progress import Progress
+from mpibelief.results import RANK_FIELDS
 
 
 class Evaluator:
@@ -89,6 +90,9 @@ def train_sgd(cfg, data: Dataset, model: Model, writer) -> dict:
         if done:
             break
     progress.close()
+    samples = step * train.batch
+    ranks = (0, samples, clock, clock, 0.0, 0.0, 0, 0)  # one rank, all compute
+    writer.write_table("ranks", {n: [v] for n, v in zip(RANK_FIELDS, ranks, strict=True)})
     return {"steps": step, "train_seconds": clock, **row}
 
 
