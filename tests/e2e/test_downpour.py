@@ -45,8 +45,13 @@ def test_wrong_world_for_downpour(tmp_path):
 
 @pytest.mark.usefixtures("fsdd_path")
 def test_downpour_adagrad_matches_single_replica_on_speech(tmp_path):
-    """Acceptance: 2 async replicas reach SGD [1]'s test frame accuracy within 1 point."""
-    epochs = ["--set", "train.epochs=3.0", "--set", "train.eval_every=1e9"]
+    """Acceptance: 2 async replicas reach SGD [1]'s test frame accuracy within 1 point.
+
+    Both train 6 epochs, where both have levelled off.  At 3 epochs stale gradients
+    still hold Downpour back and the comparison is a coin toss (measured here: SGD [1]
+    68.0%, four Downpour runs 66.9-67.8%); at 6, SGD [1] 68.7%, Downpour 68.3-68.9%.
+    """
+    epochs = ["--set", "train.epochs=6.0", "--set", "train.eval_every=1e9"]
     sgd = cli("train", "configs/sgd.toml", *epochs, "--out", tmp_path / "sgd.h5", timeout=300)
     assert sgd.returncode == 0, sgd.stderr
     dp = cli("train", "configs/demo.toml", *epochs, "--out", tmp_path / "dp.h5",
