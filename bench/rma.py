@@ -44,8 +44,6 @@ padded) and ``ratio_to_raw_get``; root attributes: MPI library version, host, da
 from __future__ import annotations
 
 import argparse
-import datetime
-import socket
 import sys
 import time
 from pathlib import Path
@@ -143,15 +141,15 @@ def check_raw(raw, n: int) -> None:
 
 
 def check_server(client, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pull returns what was set, at version 0; one push lands once; returns init, grad."""
+    """Pull returns what was set, as version 1; one push lands once; returns init, grad."""
     init, buf, grad = pattern(n, 2), np.empty(n, np.float32), np.ones(n, np.float32)
     client.set_params(init)
     versions = client.pull(buf)
-    assert np.array_equal(buf, init) and versions[0] == 0, "pull: values or version wrong"
+    assert np.array_equal(buf, init) and versions[0] == 1, "pull: values or version wrong"
     client.push(grad, versions)
     client.wait_applied()
     versions = client.pull(buf)
-    assert np.array_equal(buf, init - 1) and versions[0] == 1, "push: not applied once"
+    assert np.array_equal(buf, init - 1) and versions[0] == 2, "push: not applied once"
     return init, grad
 
 
@@ -198,7 +196,7 @@ def measure(client, raw, n: int, args) -> dict:
     raw.flush(SHARD)
     pushes = client.stats.pushes  # every push of this server, all of them finite
     versions = client.pull(buf)
-    assert versions[0] == pushes and np.array_equal(buf, init - pushes), \
+    assert versions[0] == pushes + 1 and np.array_equal(buf, init - pushes), \
         "push: final state is not the exact sum of every push"
     return timings
 
@@ -218,9 +216,9 @@ def push_stream(client, grad, count: int) -> None:
 
 def one_size(comm, raw, size: int, args):
     """Every mode at one size; returns ``{mode: seconds per op}`` on the coordinator."""
-    from mpibelief.comm import CONTROL_TAG, quiet_recv
+    from mpibelief.comm import Tag, quiet_recv
     from mpibelief.optim import Optimizer
-    from mpibelief.server import ParameterServer
+    from mpibelief.ps.server import ParameterServer
 
     ps = ParameterServer(comm, size // 4, [SHARD], [CLIENT], Optimizer("sgd", lr=1.0),
                          buffers=args.buffers, depth=args.depth)
@@ -228,9 +226,9 @@ def one_size(comm, raw, size: int, args):
     if comm.rank == SHARD:
         stats = ps.serve()
         seconds = stats.busy_seconds / stats.bytes_in * size  # per push of this size
-        comm.send(np.array([seconds]), COORD, CONTROL_TAG)
+        comm.send(np.array([seconds]), COORD, Tag.REPORT)
     elif comm.rank == CLIENT:
-        comm.send(measure(ps.client(), raw, size // 4, args), COORD, CONTROL_TAG)
+        comm.send(measure(ps.client(), raw, size // 4, args), COORD, Tag.REPORT)
     else:
         result = quiet_recv(comm, source=CLIENT)
         ps.stop()
@@ -242,7 +240,7 @@ def one_size(comm, raw, size: int, args):
 def make_raw(comm, max_size: int):
     """A plain window of ``max_size`` bytes on the shard, holding pattern 0."""
     from mpibelief.comm import quiet_barrier
-    from mpibelief.window import Window
+    from mpibelief.ps.window import Window
 
     raw = Window(max_size if comm.rank == SHARD else 0, comm)
     if comm.rank == SHARD:
@@ -269,19 +267,13 @@ def summarise(sizes: list[int], results: list[dict]) -> dict:
 
 def write(path: Path, table: dict) -> None:
     import h5py
-    import mpi4py
-    from mpi4py import MPI
+
+    from mpibelief.results import stamp
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with h5py.File(path, "w") as f:
-        f.attrs["mpi_library"] = MPI.Get_library_version().strip()
-        f.attrs["host"] = socket.gethostname()
-        f.attrs["date"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-        f.attrs["version_mpi4py"] = mpi4py.__version__
-        f.attrs["version_numpy"] = np.__version__
-        f.attrs["command"] = " ".join(sys.argv)
-        f.attrs["world_size"] = 3
-        f.attrs["units"] = "sizes: bytes; timings: seconds per op; mbps: 1e6 bytes/s"
+        stamp(f, {"command": " ".join(sys.argv), "world_size": 3,
+                  "units": "sizes: bytes; timings: seconds per op; mbps: 1e6 bytes/s"})
         for mode, data in table.items():
             group = f.require_group(f"bench/rma/{mode}")
             for name, value in data.items():

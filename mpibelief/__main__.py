@@ -59,8 +59,10 @@ def cmd_train(args, cfg) -> int:
 
 
 def cmd_info(args, cfg) -> int:
+    from mpibelief import algorithms
     from mpibelief.layout import layout_for
 
+    algorithms.resolve(cfg)
     lay = layout_for(args.np, cfg)
     print(f"config: {args.config}  algorithm: {cfg.run.algorithm}  world: {lay.world} ranks")
     print(f"layout: {lay.shards} shards, {lay.replicas} replicas x {lay.partitions} partitions")

@@ -18,7 +18,6 @@ from pathlib import Path
 
 from mpibelief.errors import ConfigError
 
-ALGORITHMS = ("sgd", "downpour")
 OPTIMIZERS = ("sgd", "adagrad")
 ACTIVATIONS = ("sigmoid", "tanh", "relu")
 SOURCES = ("fsdd", "synthetic", "hdf5")
@@ -122,7 +121,6 @@ class Config:
 
 # Allowed values of string keys; checked after types.
 _CHOICES = {
-    ("run", "algorithm"): ALGORITHMS,
     ("train", "optimizer"): OPTIMIZERS,
     ("model", "activation"): ACTIVATIONS,
     ("data", "source"): SOURCES,
@@ -168,6 +166,7 @@ def from_dict(raw: dict, source: str = "<dict>") -> Config:
         kwargs[name] = _build_table(tables[name].default_factory, name, values, source)
     config = Config(**kwargs)
     _check(config, source)
+    object.__setattr__(config, "source", source)  # not a table: for later error messages
     return config
 
 
@@ -238,8 +237,6 @@ def _check(config: Config, source: str) -> None:
         )
     if config.data.context % 2 == 0:
         raise ConfigError(f"{source}: data.context must be odd (centre frame plus both sides)")
-    if config.run.algorithm == "downpour" and config.layout.shards < 1:
-        raise ConfigError(f"{source}: run.algorithm = 'downpour' needs layout.shards >= 1")
 
 
 def _apply_override(raw: dict, item: str) -> None:

@@ -61,6 +61,11 @@ class Layout:
     def world(self) -> int:
         return len(self.roles)
 
+    @property
+    def coordinator_rank(self) -> int:
+        """The rank that coordinates: gathers metrics and writes the result file."""
+        return next(r.rank for r in self.roles if r.coordinates)
+
     def shard_ranks(self) -> list[int]:
         return [r.rank for r in self.roles if r.kind == SHARD]
 
@@ -155,3 +160,34 @@ def shard_slices(n_params: int, shards: int) -> list[slice]:
         slices.append(slice(start, stop))
         start = stop
     return slices
+
+
+def overlap(a: slice, b: slice) -> slice | None:
+    """The common part of two ranges of the flat vector, or None when they are disjoint."""
+    start, stop = max(a.start, b.start), min(a.stop, b.stop)
+    return slice(start, stop) if start < stop else None
+
+
+@dataclass(frozen=True)
+class Part:
+    """Where one shard meets a client's range.
+
+    Attributes:
+        rank: the shard's rank.  local: the part as a slice of the client's vector.
+        offset: where the part starts in the shard's slice (elements).
+    """
+
+    rank: int
+    local: slice
+    offset: int
+
+
+def parts_of(lo: int, hi: int, shard_ranks: list[int], slices: list[slice]) -> list[Part]:
+    """The shards a range ``[lo, hi)`` meets, in slice order."""
+    found = []
+    for rank, part in zip(shard_ranks, slices, strict=True):
+        common = overlap(part, slice(lo, hi))
+        if common is not None:
+            found.append(Part(rank, slice(common.start - lo, common.stop - lo),
+                              common.start - part.start))
+    return found

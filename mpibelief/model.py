@@ -9,9 +9,12 @@ allocated once per batch size and reused.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from mpibelief import kernels
+from mpibelief.layout import shard_slices
 
 _ACTIVATIONS = {
     "sigmoid": (kernels.sigmoid_forward, kernels.sigmoid_backward),
@@ -28,6 +31,12 @@ class Dense:
     def __init__(self, n_in: int, n_out: int, activation: str | None):
         self.n_in, self.n_out, self.activation = n_in, n_out, activation
         self.size = n_in * n_out + n_out
+
+    def partition_sizes(self, partitions: int) -> list[int]:
+        """Parameters each partition owns: the layer's output units split as evenly as
+        possible (a unit's weights and bias go with the unit)."""
+        return [self.n_in * (u.stop - u.start) + (u.stop - u.start)
+                for u in shard_slices(self.n_out, partitions)]
 
     def bind(self, params: np.ndarray, grads: np.ndarray) -> None:
         """Point the layer's weights and gradients at its slice of the flat vectors."""
@@ -61,6 +70,39 @@ class Dense:
             kernels.dense_backward(x, self.w, dy, dx, self.dw, self.db)
 
 
+@dataclass(frozen=True)
+class ParamLayout:
+    """Where each (layer, partition) lives in the flat parameter vector.
+
+    Partition-major: all of partition 0's parameters (layer by layer), then partition
+    1's, and so on, so that a partition's parameters are one contiguous range on the
+    shards and its client pulls and pushes one range.  With one partition this is the
+    layers in order, the flat vector the model has always used.
+
+    Attributes:
+        partitions: the number of partitions ``P``.
+        ranges: ``(layer, partition) -> (start, stop)`` in the flat vector.
+    """
+
+    partitions: int
+    ranges: dict
+
+    @classmethod
+    def of(cls, layers, partitions: int) -> ParamLayout:
+        sizes = [layer.partition_sizes(partitions) for layer in layers]
+        ranges, at = {}, 0
+        for p in range(partitions):
+            for i, per_partition in enumerate(sizes):
+                ranges[(i, p)] = (at, at + per_partition[p])
+                at += per_partition[p]
+        return cls(partitions, ranges)
+
+    def partition(self, p: int) -> tuple[int, int]:
+        """Partition ``p``'s range ``(lo, hi)`` of the flat vector."""
+        mine = [r for (_, q), r in self.ranges.items() if q == p]
+        return min(lo for lo, _ in mine), max(hi for _, hi in mine)
+
+
 class Model:
     """A fully connected classifier: hidden layers of one width, softmax output.
 
@@ -86,6 +128,10 @@ class Model:
             layer.bind(self.params[offset:end], self.grads[offset:end])
             offset = end
         self._buffers: dict[int, tuple] = {}
+
+    def layout(self, partitions: int = 1) -> ParamLayout:
+        """The parameter layout for a replica split into ``partitions`` ranks."""
+        return ParamLayout.of(self.layers, partitions)
 
     @classmethod
     def from_config(cls, cfg, n_inputs: int, n_classes: int) -> Model:

@@ -1,10 +1,15 @@
-"""Update rules shared by the single-replica trainer and the parameter shards.
+"""Update rules (SGD, Adagrad), one each, shared by the single replica and the shards.
 
 Fused Numba loops: one pass over memory per update, no temporaries, which matters on
 the shards where the update is the whole of the work.  Adagrad follows the paper:
-rate_i = lr / sqrt(sum over past updates of g_i^2).  Each kernel reads ``cur`` and
+rate_i = lr / sqrt(sum over past updates of g_i^2).  Every rule reads ``cur`` and
 writes ``out``: the shards write into a buffer nobody is reading and publish it
-afterwards, the single-replica trainer passes the same array twice to update in place.
+afterwards; the single replica passes the same array twice to update in place.
+
+The non-finite check lives beside the rules, in :meth:`Optimizer.step`: a gradient
+holding NaN or inf is refused whole and leaves ``cur`` and the rule's state untouched
+(unless ``out is cur``, where an SGD refusal is found in the same pass and ``cur`` is
+spoiled: in-place callers treat a refusal as fatal).
 """
 
 from __future__ import annotations
@@ -13,6 +18,21 @@ from dataclasses import dataclass
 
 import numba
 import numpy as np
+
+
+@numba.njit(cache=True, fastmath={"reassoc"})
+def _nan_probe(x):
+    # g * 0 is 0 for finite g and NaN for inf/NaN; "reassoc" lets the sum vectorise
+    # while NaNs keep their meaning (no "nnan" flag).
+    probe = np.float32(0.0)
+    for i in range(x.size):
+        probe += x[i] * np.float32(0.0)
+    return probe
+
+
+def all_finite(x: np.ndarray) -> bool:
+    """True when a float32 array holds no NaN or inf (one vectorised pass, no temporary)."""
+    return bool(_nan_probe(x) == 0.0)
 
 
 # ``g * 0`` is 0 for finite g and NaN otherwise, so SGD checks finiteness in the same
@@ -58,10 +78,23 @@ class Optimizer:
         """The per-parameter state the rule keeps (Adagrad's sums), or None."""
         return np.zeros(n, np.float32) if self.kind == "adagrad" else None
 
-    def apply(self, params: np.ndarray, grad: np.ndarray, state: np.ndarray | None) -> None:
-        """Apply one update in place (the caller has checked ``grad`` is finite)."""
-        if self.kind == "adagrad":
-            adagrad_step(params, grad, state, np.float32(self.lr), np.float32(self.eps),
-                         params)
-        else:
-            sgd_step(params, grad, np.float32(self.lr), params)
+    def step(self, cur: np.ndarray, grad: np.ndarray, state: np.ndarray | None,
+             out: np.ndarray) -> bool:
+        """``out`` = ``cur`` updated by ``grad``; False (nothing applied) if it is not finite."""
+        lr = np.float32(self.lr)
+        if self.kind == "sgd":
+            return bool(sgd_step(cur, grad, lr, out))
+        if not all_finite(grad):  # Adagrad's sums must not see a NaN: check first
+            return False
+        adagrad_step(cur, grad, state, lr, np.float32(self.eps), out)
+        return True
+
+    def apply(self, params: np.ndarray, grad: np.ndarray, state: np.ndarray | None) -> bool:
+        """:meth:`step` in place; a False return means ``params`` may be spoiled."""
+        return self.step(params, grad, state, params)
+
+    def warm(self) -> None:
+        """Compile (or load from numba's cache) the kernels before anything is timed."""
+        x = np.zeros(4, np.float32)
+        self.step(x, x, self.state(4), x.copy())
+        all_finite(x)

@@ -33,6 +33,7 @@ File layout (``mpibelief plot`` and the figure scripts read nothing else)::
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import socket
@@ -48,10 +49,23 @@ METRICS = (
     "wall_seconds", "samples", "updates",
     "train_loss", "train_accuracy", "test_loss", "test_accuracy",
 )
-RANK_FIELDS = (
-    "rank", "samples", "train_seconds", "compute_seconds", "comm_seconds", "wait_seconds",
-    "bytes_pushed", "bytes_pulled",
-)
+
+
+@dataclasses.dataclass
+class RankStats:
+    """One rank's row of ``/ranks``: what it did, by name (see the module docstring)."""
+
+    rank: int
+    samples: int = 0
+    train_seconds: float = 0.0
+    compute_seconds: float = 0.0
+    comm_seconds: float = 0.0
+    wait_seconds: float = 0.0
+    bytes_pushed: int = 0
+    bytes_pulled: int = 0
+
+
+RANK_FIELDS = tuple(f.name for f in dataclasses.fields(RankStats))
 
 
 def provenance() -> dict[str, str]:
@@ -81,6 +95,16 @@ def provenance() -> dict[str, str]:
     return attrs
 
 
+def stamp(target, attrs: dict | None = None) -> None:
+    """Write :func:`provenance` and ``attrs`` as attributes of an h5py file or group.
+
+    The one provenance writer: run files and every ``bench/`` file use it, so the
+    same attribute names mean the same things everywhere.
+    """
+    for key, value in {**provenance(), **(attrs or {})}.items():
+        target.attrs[key] = value
+
+
 def _git_commit() -> str:
     try:
         out = subprocess.run(
@@ -106,8 +130,7 @@ class ResultWriter:
             self.file = h5py.File(self.path, "w")
         except OSError as exc:
             raise UserError(f"cannot write result file {self.path}: {exc}") from None
-        for key, value in {**provenance(), **attrs}.items():
-            self.file.attrs[key] = value
+        stamp(self.file, attrs)
         self.file.attrs["status"] = "running"
         group = self.file.create_group("metrics")
         for name in METRICS:
@@ -130,6 +153,11 @@ class ResultWriter:
             if name in grp:
                 del grp[name]
             grp.create_dataset(name, data=np.asarray(values))
+
+    def write_ranks(self, records: list[RankStats]) -> None:
+        """``/ranks``: one row per rank, in the order given."""
+        self.write_table("ranks", {name: [getattr(r, name) for r in records]
+                                   for name in RANK_FIELDS})
 
     def close(self, status: str = "complete") -> None:
         if self.file.id.valid:

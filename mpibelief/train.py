@@ -1,9 +1,12 @@
 """``mpibelief train``: set up a run on every rank and hand it to its algorithm.
 
 The only module that touches ``COMM_WORLD`` (besides the CLI's error handling):
-it checks the world against the layout, loads the data (rank 0 builds the feature
-cache first so the other ranks read it instead of all extracting at once), builds
-the model, opens the result file on the coordinating rank and dispatches.
+it looks the algorithm up in the registry (:mod:`mpibelief.algorithms`) and lets it
+check the config, checks the world against the layout, loads the data (rank 0 builds
+the feature cache first so the other ranks read it instead of all extracting at once),
+builds the model, opens the result file on the coordinating rank, splits the
+communicators, and hands the one :class:`~mpibelief.context.RunContext` to the
+algorithm's entry point for this rank's role.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import socket
 from collections import Counter
 from pathlib import Path
 
+from mpibelief import algorithms
 from mpibelief import layout as layouts
 from mpibelief.config import Config
 from mpibelief.errors import ConfigError
@@ -26,28 +30,22 @@ def result_path(cfg: Config, out: str | None) -> Path:
     return Path(out) if out else Path(cfg.run.results_dir) / f"{cfg.run.name}.h5"
 
 
-def check_algorithm(cfg: Config) -> None:
-    lay = cfg.layout
-    if cfg.run.algorithm == "sgd" and (lay.shards, lay.replicas, lay.partitions) != (0, 1, 1):
-        raise ConfigError(
-            "run.algorithm = 'sgd' trains one replica of one partition with no shards:"
-            " set layout.shards = 0, layout.replicas = 1, layout.partitions = 1"
-        )
-
-
 def run(cfg: Config, out: str | None = None) -> dict | None:
     """Train as the config says; returns the summary on the coordinating rank."""
     from mpi4py import MPI
 
-    from mpibelief.comm import quiet_barrier
+    from mpibelief.clock import WallClock
+    from mpibelief.comm import Comms, quiet_barrier
+    from mpibelief.context import RunContext
     from mpibelief.data import load_dataset
     from mpibelief.model import Model
     from mpibelief.results import ResultWriter
 
     comm = MPI.COMM_WORLD
-    check_algorithm(cfg)
+    algorithm = algorithms.resolve(cfg)
     lay = layouts.layout_for(comm.size, cfg)
     role = lay.roles[comm.rank]
+    entry = algorithm.entry(role.kind)
     hosts = comm.gather(socket.gethostname())  # now, while every rank arrives at once
     if comm.rank == 0:
         data = load_dataset(cfg.data)
@@ -77,12 +75,15 @@ def run(cfg: Config, out: str | None = None) -> dict | None:
             "n_classes": data.n_classes, "hosts": _host_list(hosts),
             "n_params": model.n_params,
         })
+    comms = Comms.split(comm, lay)
+    ctx = RunContext(cfg, comms, lay, comm.rank, data, model, writer, WallClock())
     try:
-        summary = _dispatch(cfg, comm, lay, data, model, writer)
+        summary = entry(ctx)
     except BaseException as exc:
         if writer is not None:
             writer.close(f"failed: {exc}")
         raise
+    comms.free()
     if writer is not None:
         writer.close()
         print(f"mpibelief: done in {summary['train_seconds']:.1f}s training time:"
@@ -94,13 +95,3 @@ def run(cfg: Config, out: str | None = None) -> dict | None:
 def _host_list(hosts: list[str]) -> str:
     counts = Counter(hosts)
     return ", ".join(f"{host} x{n}" for host, n in sorted(counts.items()))
-
-
-def _dispatch(cfg, comm, lay, data, model, writer):
-    if cfg.run.algorithm == "sgd":
-        from mpibelief.algorithms.sgd import train_sgd
-
-        return train_sgd(cfg, data, model, writer)
-    from mpibelief.algorithms.downpour import train_downpour
-
-    return train_downpour(cfg, comm, lay, data, model, writer)

@@ -1,29 +1,40 @@
-"""Role: one Downpour replica (a single partition for now): fetch, compute, push.
+"""Role: one replica partition, in phases: fetch, compute, push.
 
-The replica trains on its own shard of the training set.  Every ``n_fetch`` steps it
-pulls fresh parameters from the shards; every ``n_push`` steps it pushes the sum of
-its gradients since the last push, together with the shard versions it computed
-from, so the shards can measure staleness.  The update rule runs on the shards.
+The replica trains on its own shard of the training set.  Its three phases are separate
+calls, so that a driver can schedule them (the virtual-time simulator places each on a
+simulated clock; :meth:`Replica.step` runs them in Downpour's order):
+
+- :meth:`~Replica.fetch`: pull this partition's parameters from the store;
+- :meth:`~Replica.compute`: one mini-batch forward and backward; with ``n_push`` > 1 the
+  gradient is added to a running sum;
+- :meth:`~Replica.push`: send the (summed) gradient with the versions it came from and
+  the number of samples it covers.
+
+Every ``n_fetch`` steps it fetches, every ``n_push`` steps it pushes; :meth:`finish`
+pushes a last partial sum.  The store is anything with the parameter client's methods
+(the MPI :class:`~mpibelief.ps.client.ParameterClient` or the in-memory
+:class:`~mpibelief.ps.memory.MemoryClient`); time is read only through ``clock``.
 """
 
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from mpibelief.algorithms.sgd import batches
+from mpibelief.data import batches
+from mpibelief.results import RankStats
 
 
 @dataclass
 class WorkerStats:
-    """What a replica reports to the coordinator when it is done."""
+    """What a replica partition reports to the coordinator when it is done."""
 
     rank: int
     steps: int = 0
     samples: int = 0
+    pushes: int = 0
     nonfinite: int = 0
     train_seconds: float = 0.0
     compute_seconds: float = 0.0
@@ -32,61 +43,97 @@ class WorkerStats:
     bytes_pushed: int = 0
     bytes_pulled: int = 0
 
+    def rank_stats(self) -> RankStats:
+        return RankStats(self.rank, self.samples, self.train_seconds, self.compute_seconds,
+                         self.comm_seconds, self.wait_seconds, self.bytes_pushed,
+                         self.bytes_pulled)
+
 
 class Replica:
-    """A model replica bound to a parameter-server client and its data shard."""
+    """A model replica (one partition) bound to a parameter store, its data and a clock.
 
-    def __init__(self, rank: int, model, client, data, train, downpour, seed: int):
-        self.model, self.client, self.data = model, client, data
+    Args:
+        rank: the rank it runs on (for reports and fault injection).
+        model: the model; its ``params``/``grads`` ``[lo, hi)`` are this partition's.
+        store: the parameter client over ``[lo, hi)``.
+        data: this replica's shard of the dataset.
+        train, downpour: the config tables (batch; ``n_fetch``, ``n_push``).
+        seed: the shuffling seed.
+        clock: :class:`~mpibelief.clock.WallClock` or a virtual clock.
+    """
+
+    def __init__(self, rank: int, model, store, data, train, downpour, seed: int, clock,
+                 lo: int = 0, hi: int | None = None):
+        self.model, self.store, self.data, self.clock = model, store, data, clock
+        hi = model.n_params if hi is None else hi
+        self.params, self.grads = model.params[lo:hi], model.grads[lo:hi]
         self.batch, self.n_fetch, self.n_push = train.batch, downpour.n_fetch, downpour.n_push
         self.stats = WorkerStats(rank)
         self.batches = batches(len(data.y_train), train.batch, np.random.default_rng(seed))
         # With n_push > 1 gradients are summed here between pushes.
-        self.accum = np.zeros(model.n_params, np.float32) if self.n_push > 1 else None
+        self.accum = np.zeros_like(self.grads) if self.n_push > 1 else None
         self.versions = None
+        self.unpushed = 0  # steps computed since the last push
         self.fault_step = _injected_fault(rank)
 
-    def train(self, steps: int, deadline: float = float("inf")) -> None:
-        """Run ``steps`` Downpour steps (fewer if ``deadline``, a perf_counter time, passes)."""
-        for _ in range(steps):
-            tick = time.perf_counter()
-            if tick >= deadline:
-                break
-            self.step()
-            self.stats.train_seconds += time.perf_counter() - tick
+    def fetch(self) -> None:
+        """Pull the current parameters of this partition from the store."""
+        tick = self.clock.now()
+        self.versions = self.store.pull(self.params)
+        self.stats.comm_seconds += self.clock.now() - tick
+
+    def compute(self) -> float:
+        """One mini-batch forward and backward; returns its loss."""
+        s, tick = self.stats, self.clock.now()
+        idx = next(self.batches)
+        loss, _ = self.model.loss_and_grad(self.data.x_train[idx], self.data.y_train[idx])
+        if not np.isfinite(loss):
+            s.nonfinite += 1  # pushed anyway: the shards refuse and count it
+        if self.accum is not None:
+            self.accum += self.grads
+        s.compute_seconds += self.clock.now() - tick
+        s.steps += 1
+        s.samples += self.batch
+        self.unpushed += 1
+        return loss
+
+    def push(self) -> None:
+        """Send the gradient (or the sum since the last push) with its sample count."""
+        if not self.unpushed:
+            return
+        tick = self.clock.now()
+        grad = self.grads if self.accum is None else self.accum
+        self.store.push(grad, self.versions, samples=self.unpushed * self.batch)
+        self.stats.comm_seconds += self.clock.now() - tick
+        self.stats.pushes += 1
+        self.unpushed = 0
+        if self.accum is not None:
+            self.accum[...] = 0.0
 
     def step(self) -> None:
-        s, model = self.stats, self.model
+        """Downpour's step: fetch every ``n_fetch``, compute, push every ``n_push``."""
+        s = self.stats
         if s.steps == self.fault_step:
             raise RuntimeError(f"fault injected on rank {s.rank} at step {s.steps}")
         if s.steps % self.n_fetch == 0:
-            tick = time.perf_counter()
-            self.versions = self.client.pull(model.params)
-            s.comm_seconds += time.perf_counter() - tick
-        tick = time.perf_counter()
-        idx = next(self.batches)
-        loss, _ = model.loss_and_grad(self.data.x_train[idx], self.data.y_train[idx])
-        if not np.isfinite(loss):
-            s.nonfinite += 1  # pushed anyway: the shards refuse and count it
-        grad = model.grads
-        if self.accum is not None:
-            self.accum += model.grads
-            grad = self.accum
-        s.compute_seconds += time.perf_counter() - tick
-        s.steps += 1
-        s.samples += self.batch
+            self.fetch()
+        self.compute()
         if s.steps % self.n_push == 0:
-            tick = time.perf_counter()
-            self.client.push(grad, self.versions)
-            s.comm_seconds += time.perf_counter() - tick
-            if self.accum is not None:
-                self.accum[...] = 0.0
+            self.push()
+
+    def train(self, steps: int, deadline: float = float("inf")) -> None:
+        """Run ``steps`` steps (fewer if ``deadline``, a clock time, passes)."""
+        for _ in range(steps):
+            tick = self.clock.now()
+            if tick >= deadline:
+                break
+            self.step()
+            self.stats.train_seconds += self.clock.now() - tick
 
     def finish(self) -> WorkerStats:
-        """Flush a partial gradient sum and return the stats with the client's counters."""
-        if self.accum is not None and self.stats.steps % self.n_push:
-            self.client.push(self.accum, self.versions)
-        cs = self.client.stats
+        """Push a partial gradient sum; return the stats with the store's counters."""
+        self.push()
+        cs = self.store.stats
         self.stats.bytes_pushed, self.stats.bytes_pulled = cs.bytes_pushed, cs.bytes_pulled
         self.stats.wait_seconds = cs.wait_seconds
         return self.stats

@@ -1,31 +1,35 @@
 """Downpour SGD (Dean et al. 2012, section 4.1): asynchronous replicas, sharded server.
 
-Every rank calls :func:`train_downpour`; its role decides what it does:
+One entry point per role, all over one :class:`~mpibelief.ps.server.ParameterServer`
+(built collectively by every rank):
 
 - shards serve their slice of the parameters until the coordinator stops them;
-- the coordinator seeds the shards with the initial model, then samples and
-  evaluates the parameters while the replicas train, and writes the result file;
-- replicas pull, compute and push on their own shard of the data.  With
-  ``downpour.warmstart_steps`` > 0, replica 0 first trains alone for that many steps
-  and only then releases the others, which start from the shards' parameters.
+- the coordinator loads the initial model into the shards, releases the replicas,
+  samples and evaluates the parameters while they train, and writes the result file;
+- replicas pull, compute and push on their own shard of the data, each partition over
+  its own range of the parameters.  With ``downpour.warmstart_steps`` > 0, replica 0
+  first trains alone for that many steps and then releases the others, which start
+  from the shards' parameters.
 """
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
-from mpibelief.algorithms.sgd import Evaluator
-from mpibelief.comm import CONTROL_TAG, quiet_barrier, quiet_recv, quiet_wait
+from mpibelief.algorithms import Algorithm, register
+from mpibelief.comm import Tag, quiet_recv, quiet_send
 from mpibelief.coordinator import Coordinator
-from mpibelief.layout import COORDINATOR, SHARD
+from mpibelief.errors import ConfigError
+from mpibelief.layout import COORDINATOR, SHARD, WORKER
 from mpibelief.optim import Optimizer
-from mpibelief.results import RANK_FIELDS
-from mpibelief.server import ParameterServer
+from mpibelief.ps.server import ParameterServer
+from mpibelief.results import RankStats
 from mpibelief.worker import Replica
 
-WARMSTART_TAG = CONTROL_TAG + 1
+
+def check(cfg) -> None:
+    if cfg.layout.shards < 1:
+        raise ConfigError("run.algorithm = 'downpour' needs layout.shards >= 1")
 
 
 def steps_per_replica(cfg, shard_samples: int) -> int:
@@ -33,70 +37,89 @@ def steps_per_replica(cfg, shard_samples: int) -> int:
     return max(int(cfg.train.epochs * (shard_samples // cfg.train.batch)), 1)
 
 
-def train_downpour(cfg, comm, lay, data, model, writer) -> dict | None:
-    """Run Downpour on every rank; returns the summary on the coordinator."""
-    role = lay.roles[comm.rank]
-    clients = [0, *lay.worker_ranks()]
-    ps = ParameterServer(comm, model.n_params, lay.shard_ranks(), clients,
-                         Optimizer.from_config(cfg.train))
-    summary = None
-    if role.kind == SHARD:
-        quiet_barrier(comm)  # the coordinator has seeded the shards
-        stats = ps.serve()
-        quiet_wait(comm.isend(stats, dest=0, tag=CONTROL_TAG))
-    else:
-        client = ps.client()
-        if role.kind == COORDINATOR:
-            client.set_params(model.params)
-        quiet_barrier(comm)
-        if role.kind == COORDINATOR:
-            summary = _coordinate(cfg, comm, lay, ps, client, data, model, writer)
-        else:
-            _replicate(cfg, comm, lay, role, client, data, model)
-    quiet_barrier(comm)
+def server(ctx) -> ParameterServer:
+    """The parameter server of the run (collective): the coordinator and every replica
+    partition are clients, each over its partition's range."""
+    lay = ctx.layout
+    param_layout = ctx.model.layout(lay.partitions)
+    workers = lay.worker_ranks()
+    ranges = [(0, ctx.model.n_params)]
+    ranges += [param_layout.partition(lay.roles[w].partition) for w in workers]
+    return ParameterServer(ctx.comms.world, ctx.model.n_params, lay.shard_ranks(),
+                           [lay.coordinator_rank, *workers],
+                           Optimizer.from_config(ctx.cfg.train), ranges=ranges,
+                           clock=ctx.clock)
+
+
+def shard(ctx) -> None:
+    ps = server(ctx)
+    stats = ps.serve()
+    quiet_send(ctx.comms.control, stats, [ctx.comms.coordinator], Tag.REPORT)
     ps.free()
-    return summary
 
 
-def _replicate(cfg, comm, lay, role, client, data, model) -> None:
-    """A replica's life: optional warmstart, its share of the epochs, a report."""
-    shard = data.shard(role.index, lay.replicas)
-    replica = Replica(comm.rank, model, client, shard, cfg.train, cfg.downpour,
-                      seed=cfg.run.seed + 1 + role.index)
-    deadline = time.perf_counter() + (cfg.train.max_seconds or float("inf"))
+def replica(ctx) -> None:
+    """A replica partition's life: optional warmstart, its share of the epochs, a report."""
+    cfg, lay, role, comms = ctx.cfg, ctx.layout, ctx.role, ctx.comms
+    ps = server(ctx)
+    lo, hi = ctx.model.layout(lay.partitions).partition(role.partition)
+    quiet_recv(comms.control, source=comms.coordinator, tag=Tag.START)
+    data = ctx.data.shard(role.index, lay.replicas)
+    worker = Replica(ctx.rank, ctx.model, ps.client(), data, cfg.train, cfg.downpour,
+                     seed=cfg.run.seed + 1 + role.index, clock=ctx.clock, lo=lo, hi=hi)
+    deadline = ctx.clock.now() + (cfg.train.max_seconds or float("inf"))
     warm = cfg.downpour.warmstart_steps
-    others = [r for r in lay.worker_ranks() if r != comm.rank]
-    if warm and role.index == 0:
-        replica.train(warm, deadline)
-        for request in [comm.isend(None, dest=r, tag=WARMSTART_TAG) for r in others]:
-            quiet_wait(request)
+    if warm and role.index == 0:  # then release the same partition of every other replica
+        worker.train(warm, deadline)
+        quiet_send(comms.across, None, range(1, comms.across.size), Tag.WARMSTART)
     elif warm:
-        quiet_recv(comm, source=lay.worker_ranks(0)[0], tag=WARMSTART_TAG)
-    replica.train(steps_per_replica(cfg, len(shard.y_train)), deadline)
-    quiet_wait(comm.isend(replica.finish(), dest=0, tag=CONTROL_TAG))
+        quiet_recv(comms.across, source=0, tag=Tag.WARMSTART)
+    worker.train(steps_per_replica(cfg, len(data.y_train)), deadline)
+    quiet_send(comms.control, worker.finish(), [comms.coordinator], Tag.REPORT)
+    ps.free()
 
 
-def _coordinate(cfg, comm, lay, ps, client, data, model, writer) -> dict:
-    """Watch the run, stop the shards, and write the per-rank and server tables."""
-    shard_size = len(data.y_train) // lay.replicas
+def coordinate(ctx) -> dict:
+    """Seed the shards, watch the run, stop the shards, write the tables."""
+    cfg, lay = ctx.cfg, ctx.layout
+    ps = server(ctx)
+    client = ps.client()
+    client.load(ctx.model.params)
+    workers = lay.worker_ranks()
+    quiet_send(ctx.comms.control, None, workers, Tag.START)
+
+    def snapshot(out: np.ndarray) -> tuple[int, int]:
+        updates = int(np.min(client.pull(out)))
+        return updates, replica_samples(ps.samples_applied()[1:], lay)
+
+    shard_size = len(ctx.data.y_train) // lay.replicas
     total = (lay.replicas * steps_per_replica(cfg, shard_size)
              + cfg.downpour.warmstart_steps) * cfg.train.batch
-    coord = Coordinator(comm, client, model,
-                        Evaluator(data, cfg.train.eval_samples, cfg.run.seed), writer,
-                        samples_per_update=cfg.train.batch * cfg.downpour.n_push,
-                        total_samples=total, eval_every=cfg.train.eval_every,
-                        name=f"downpour[{lay.replicas}]")
-    reports = coord.watch(lay.worker_ranks())
-    ps.stop()  # returns once the shards have applied every push
+    coord = Coordinator(ctx, snapshot, total, name=f"downpour[{lay.replicas}]")
+    reports = coord.watch(workers)
+    ps.stop()  # the shards apply every push made before they return
     shard_stats = coord.collect(lay.shard_ranks())
     row = coord.finish()
-    _write_tables(writer, client, reports, shard_stats, lay)
-    # Every push reaches every shard, so one shard's counts are the pushes'.
+    _write_tables(ctx.writer, client, reports, shard_stats, lay)
+    applied = sorted({s.applied for s in shard_stats})
+    refused = sorted({s.refused for s in shard_stats})
     nonfinite = sum(w.nonfinite for w in reports.values())
-    print(f"mpibelief: {shard_stats[0].applied} pushes applied, {shard_stats[0].refused}"
-          f" refused ({nonfinite} non-finite gradients computed); mean staleness"
+    print(f"mpibelief: {_counts(applied)} pushes applied, {_counts(refused)} refused"
+          f" ({nonfinite} non-finite gradients computed); mean staleness"
           f" {mean_staleness(shard_stats):.2f} updates", flush=True)
+    ps.free()
     return {"train_seconds": row["wall_seconds"], **row}
+
+
+def replica_samples(per_worker: np.ndarray, lay) -> int:
+    """Samples applied, all replicas together: a replica's step counts once all of its
+    partitions' pushes are applied (``per_worker`` in ``lay.worker_ranks()`` order)."""
+    per_replica = np.asarray(per_worker).reshape(lay.replicas, lay.partitions)
+    return int(per_replica.min(axis=1).sum())
+
+
+def _counts(values: list[int]) -> str:
+    return str(values[0]) if len(values) == 1 else "/".join(map(str, values))
 
 
 def merged_staleness(shard_stats) -> np.ndarray:
@@ -115,16 +138,22 @@ def mean_staleness(shard_stats) -> float:
 def _write_tables(writer, client, reports: dict, shard_stats: list, lay) -> None:
     """``/ranks`` (one row per rank, coordinator first) and ``/server``."""
     cs = client.stats
-    rows = [(0, 0, 0.0, 0.0, cs.pull_seconds, cs.wait_seconds, 0, cs.bytes_pulled)]
-    rows += [(s.rank, 0, s.wall_seconds, s.busy_seconds, 0.0, s.idle_seconds, 0, 0)
+    rows = [RankStats(lay.coordinator_rank, comm_seconds=cs.pull_seconds,
+                      wait_seconds=cs.wait_seconds, bytes_pulled=cs.bytes_pulled)]
+    rows += [RankStats(s.rank, 0, s.wall_seconds, s.busy_seconds, 0.0, s.idle_seconds)
              for s in shard_stats]
-    rows += [(r, w.samples, w.train_seconds, w.compute_seconds, w.comm_seconds,
-              w.wait_seconds, w.bytes_pushed, w.bytes_pulled) for r, w in sorted(reports.items())]
-    writer.write_table("ranks", {n: [row[i] for row in rows] for i, n in enumerate(RANK_FIELDS)})
+    rows += [w.rank_stats() for _, w in sorted(reports.items())]
+    writer.write_ranks(rows)
     writer.write_table("server", {
         "shard_rank": lay.shard_ranks(),
         "applied": [s.applied for s in shard_stats],
         "refused": [s.refused for s in shard_stats],
         "staleness": merged_staleness(shard_stats),
         "bytes_in": [s.bytes_in for s in shard_stats],
+        "busy_fraction": [s.busy_fraction for s in shard_stats],
     })
+
+
+DOWNPOUR = register(Algorithm(
+    "downpour", {COORDINATOR: coordinate, SHARD: shard, WORKER: replica}, check,
+    "asynchronous replicas on a sharded parameter server (Downpour SGD)"))

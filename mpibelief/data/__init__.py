@@ -106,3 +106,17 @@ def load_dataset(cfg: DataConfig) -> Dataset:
 
         return load_hdf5(cfg)
     raise DataError(f"unknown data source {cfg.source!r} (known: fsdd, synthetic, hdf5)")
+
+
+def batches(n: int, batch: int, rng: np.random.Generator):
+    """Endless shuffled mini-batch index arrays, a new permutation every epoch."""
+    if n < batch:  # no full batch: the loop below would spin without yielding
+        raise ValueError(f"{n} rows cannot fill a batch of {batch}")
+    return _shuffled(n, batch, rng)
+
+
+def _shuffled(n: int, batch: int, rng: np.random.Generator):
+    while True:
+        order = rng.permutation(n)
+        for start in range(0, n - batch + 1, batch):
+            yield order[start:start + batch]

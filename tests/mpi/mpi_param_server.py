@@ -19,7 +19,7 @@ from mpi4py import MPI
 
 from mpibelief.comm import quiet_barrier
 from mpibelief.optim import Optimizer
-from mpibelief.server import ParameterServer
+from mpibelief.ps.server import ParameterServer
 
 N = 100_003  # odd: uneven shard slices
 ROUNDS = 300
@@ -27,6 +27,7 @@ NAN_ROUND = 123  # each client's push this round holds a NaN in shard 1's slice 
 FORCED_ROUND = 211  # client 0 skips its own check, NaN/inf in both slices: shards refuse
 BETA = 3  # initial state BETA * w
 SHARDS = [1, 2]
+LOADS = 1  # set_params publishes the initial state as the shards' first version
 
 
 def alpha(client: int, step: int) -> int:
@@ -88,7 +89,8 @@ def run_client(ps, index: int, w, clients_comm) -> None:
 def test_sgd_exactly_once(comm, others, clients_comm) -> None:
     rank, n_clients = comm.Get_rank(), comm.Get_size() - 3
     clients = list(range(3, comm.Get_size()))
-    ps = ParameterServer(comm, N, SHARDS, clients, Optimizer("sgd", lr=1.0))
+    # Rank 0 is a client too: it loads the initial state, as a push of kind LOAD.
+    ps = ParameterServer(comm, N, SHARDS, [0, *clients], Optimizer("sgd", lr=1.0))
     w = weights(N)
     stats = None
     if rank in SHARDS:
@@ -119,7 +121,8 @@ def check_sgd_result(ps, everyone, w, n_clients: int) -> None:
     for s, st in enumerate(shard_stats):
         assert st.applied == applied, (s, st.applied, applied)
         assert st.refused == n_clients + 1, (s, st.refused)
-        assert versions[s] == st.version == applied, (s, versions[s], st.version)
+        # The version counts published versions: every applied push, and the load.
+        assert versions[s] == st.version == applied + LOADS, (s, versions[s], st.version)
         assert st.staleness.sum() == applied, (s, st.staleness)
         assert st.staleness[1] >= 1 and st.staleness[2] >= 1, st.staleness
         assert st.bytes_in == (applied + 1) * 4 * (ps.slices[s].stop - ps.slices[s].start)
@@ -168,7 +171,7 @@ def test_adagrad_matches_numpy(comm, others) -> None:
         versions = client.pull(got)
         want = adagrad_reference(p0, grads, lr, eps)
         np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-6)
-        assert list(versions) == [steps, steps], versions
+        assert list(versions) == [steps + LOADS, steps + LOADS], versions
         print(f"adagrad: {steps} pushes match numpy (max abs diff "
               f"{np.abs(got - want).max():.2e}, bitwise equal: {np.array_equal(got, want)})")
     if rank not in SHARDS:

@@ -16,7 +16,7 @@ from mpi4py import MPI
 
 from mpibelief.comm import quiet_barrier
 from mpibelief.optim import Optimizer
-from mpibelief.server import ParameterServer
+from mpibelief.ps.server import ParameterServer
 
 IDLE_SECONDS = 2.0
 MAX_CORE_SHARE = 0.10

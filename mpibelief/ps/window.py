@@ -12,16 +12,24 @@ target.  With one long epoch no data-path call ever waits for a sleeping shard;
 Byte displacements throughout (``disp_unit=1``), so one window can hold an int64
 header beside float32 data.  Like ``mpi4py.util.sync``, each class owns one window and
 takes ``comm=``.
+
+Atomics, and what the windows promise MPI about them (the ``info`` they are made with):
+every int64 word is touched by one accumulate operation besides ``NO_OP`` reads
+(a reader count only by ``SUM``, a version or slot word only by ``REPLACE``), so the
+windows declare ``accumulate_ops = same_op_no_op``; and every atomic that a later
+operation depends on is flushed before that operation starts, so they need no ordering
+between accumulates (``accumulate_ordering = none``).  All accumulates on a word use
+``MPI_INT64_T`` at both ends: MPI makes accumulates atomic only between operations whose
+datatypes come from the same predefined type.
 """
 
 from __future__ import annotations
-
-import time
 
 import numpy as np
 from mpi4py import MPI
 
 from mpibelief.comm import quiet_barrier
+from mpibelief.ps.state import EMPTY, GRADIENT, LOAD, REFUSED  # noqa: F401 - re-exported
 
 ALIGN = 64  # cache line: header words and data buffers never share one
 WORD = np.dtype(np.int64)
@@ -36,28 +44,6 @@ def _mpi_type(dtype: np.dtype) -> MPI.Datatype:
     return MPI.Datatype.fromcode(np.dtype(dtype).char)
 
 
-class Backoff:
-    """Sleeps that grow from ``low`` to ``high`` while a wait goes on, so waiting is cheap.
-
-    A workstation run has more ranks than cores: a waiter that spins steals the core
-    of the rank it waits for.  ``reset()`` after progress makes the next wait short.
-    """
-
-    def __init__(self, low: float = 50e-6, high: float = 1e-3):
-        self.low, self.high = low, high
-        self.delay = low
-
-    def reset(self) -> None:
-        self.delay = self.low
-
-    def sleep(self) -> float:
-        """Sleep once, lengthen the next sleep; returns the seconds slept."""
-        start = time.perf_counter()
-        time.sleep(self.delay)
-        self.delay = min(self.delay * 2, self.high)
-        return time.perf_counter() - start
-
-
 class Window:
     """One RMA window of ``nbytes`` local bytes, opened in a lifelong ``Lock_all`` epoch.
 
@@ -69,10 +55,14 @@ class Window:
         comm: the intracommunicator the window spans.
     """
 
-    def __init__(self, nbytes: int, comm: MPI.Intracomm, info: MPI.Info = MPI.INFO_NULL):
+    def __init__(self, nbytes: int, comm: MPI.Intracomm):
         self.comm = comm
         self.rank = comm.Get_rank()
+        info = MPI.Info.Create()
+        info.Set("accumulate_ops", "same_op_no_op")
+        info.Set("accumulate_ordering", "none")
         self.win = MPI.Win.Allocate(int(nbytes), 1, info, comm)
+        info.Free()
         if self.win.Get_attr(MPI.WIN_MODEL) != MPI.WIN_UNIFIED:
             raise RuntimeError("the parameter server needs the MPI unified memory model")
         self.memory = np.frombuffer(self.win.tomemory(), dtype=np.uint8)
@@ -109,8 +99,13 @@ class Window:
 
         A plain ``Get`` racing an accumulate on the same word is a conflict; this is not.
         """
+        if out.dtype != WORD:
+            raise TypeError(f"atomic_read reads int64 words, got {out.dtype}")
         ignored = np.zeros_like(out)  # NO_OP reads no origin data, but MPI wants a buffer
-        self.win.Get_accumulate(ignored, out, rank, (offset, out.size, MPI.INT64_T), MPI.NO_OP)
+        # Typed at both ends: untyped numpy int64 would go out as MPI_LONG, a different
+        # predefined type from the target's MPI_INT64_T (erroneous for accumulates).
+        self.win.Get_accumulate([ignored, MPI.INT64_T], [out, MPI.INT64_T], rank,
+                                (offset, out.size, MPI.INT64_T), MPI.NO_OP)
         self.win.Flush(rank)
         return out
 
@@ -160,10 +155,11 @@ class Window:
 class ParamWindow(Window):
     """Every shard's slice of the parameters, in ``buffers`` versions (read-copy-update).
 
-    Layout on shard rank ``r`` holding ``count`` parameters::
+    Layout on shard rank ``r`` holding ``count`` parameters, for ``clients`` clients::
 
-        word 0            current version v; buffer v % buffers holds it
-        word 1 + b        readers[b]: pulls now reading buffer b
+        word 0                  current version v; buffer v % buffers holds it
+        word 1 + b              readers[b]: pulls now reading buffer b
+        word 1 + buffers + c    samples[c]: samples in client c's pushes applied so far
         buffers x float32[count]
 
     A pull pins the current buffer (``readers += 1``, then re-reads the version to be
@@ -172,13 +168,16 @@ class ParamWindow(Window):
     it by replacing word 0.  So a remote ``Get`` never meets a local store (the MPI
     conflict rule), a pull never waits for an update, and an update waits at most for
     the pulls already reading the buffer it needs; nobody waits for a lock grant.
+    The ``samples`` words let the coordinator count progress per client while the run
+    goes (with partitioned replicas, pushes no longer reach every shard).
     """
 
     CURRENT = 0
 
-    def __init__(self, counts: dict[int, int], buffers: int, comm: MPI.Intracomm):
-        self.counts, self.buffers = counts, buffers
-        self.header = _aligned((1 + buffers) * WORD.itemsize)
+    def __init__(self, counts: dict[int, int], buffers: int, clients: int,
+                 comm: MPI.Intracomm):
+        self.counts, self.buffers, self.clients = counts, buffers, clients
+        self.header = _aligned((1 + buffers + clients) * WORD.itemsize)
         self.stride = {r: _aligned(c * FLOAT.itemsize) for r, c in counts.items()}
         mine = comm.Get_rank()
         nbytes = self.header + buffers * self.stride[mine] if mine in counts else 0
@@ -187,6 +186,9 @@ class ParamWindow(Window):
     def readers_offset(self, buffer: int) -> int:
         return (1 + buffer) * WORD.itemsize
 
+    def samples_offset(self, client: int) -> int:
+        return (1 + self.buffers + client) * WORD.itemsize
+
     def buffer_offset(self, rank: int, buffer: int) -> int:
         return self.header + buffer * self.stride[rank]
 
@@ -194,10 +196,16 @@ class ParamWindow(Window):
         """This shard's buffer ``buffer`` as float32 (only the shard calls this)."""
         return self.view(FLOAT, self.buffer_offset(self.rank, buffer), self.counts[self.rank])
 
+    def read_samples(self, rank: int) -> np.ndarray:
+        """Every client's applied-sample count on shard ``rank``, read atomically."""
+        out = np.zeros(self.clients, WORD)
+        if self.clients:
+            self.atomic_read(out, rank, self.samples_offset(0))
+        return out
 
-# Inbox slot words: 0 = empty; otherwise ``(version + 1) << 2 | kind``, one atomic int64,
-# so the push's kind and the version it was computed from are published together.
-EMPTY, GRADIENT, REFUSED = 0, 1, 2
+
+# Inbox slot words: 0 = EMPTY; otherwise ``(version + 1) << 2 | kind`` (kinds: ps.state),
+# one atomic int64, so a push's kind and the version it came from are published together.
 
 
 def encode_slot(kind: int, version: int) -> int:
@@ -213,39 +221,60 @@ def decode_slot(word: int) -> tuple[int, int]:
 class InboxWindow(Window):
     """Per-client push slots on every shard: each client writes only its own slots.
 
-    Layout on shard rank ``r`` holding ``count`` parameters, for ``clients`` clients
-    with ``depth`` slots each::
+    A client sends each shard only the part of its range that the shard holds:
+    ``counts[r][c]`` floats from client ``c`` to shard ``r`` (0: no slots there).
+    Layout on shard rank ``r``, ``depth`` slots per client::
 
-        word[c * depth + k]                    state of client c's slot k
-        float32[count] per (c, k), in order    the gradient slices
+        word[c * depth + k]          state of client c's slot k: EMPTY, or published
+        per (c, k), in order:        client c's slot k, ``stride(r, c)`` bytes:
+            int64[META]                  meta: [0] samples the push sums
+            float32[counts[r][c]]        the gradient (or, for LOAD, the parameters)
 
-    A client ``Put``s into a slot whose word it has seen at 0, flushes, then publishes
-    the word atomically; the shard reads the words atomically, ``sync``s, consumes the
-    slot and resets the word.  Data and word are never written concurrently by two
-    parties, so there is no conflict, and a slot is consumed exactly once.
+    A client ``Put``s meta and data into a slot whose word it has seen at 0, flushes,
+    then publishes the word atomically; the shard reads the words atomically, ``sync``s,
+    consumes the slot and resets the word.  Data and word are never written concurrently
+    by two parties, so there is no conflict, and a slot is consumed exactly once.
     """
 
-    def __init__(self, counts: dict[int, int], clients: int, depth: int,
-                 comm: MPI.Intracomm):
-        self.counts, self.clients, self.depth = counts, clients, depth
-        self.header = _aligned(clients * depth * WORD.itemsize)
-        self.stride = {r: _aligned(c * FLOAT.itemsize) for r, c in counts.items()}
+    META = ALIGN // WORD.itemsize  # one cache line of int64 words before the data
+
+    def __init__(self, counts: dict[int, list[int]], depth: int, comm: MPI.Intracomm):
+        self.counts, self.depth = counts, depth
+        self.clients = len(next(iter(counts.values())))
+        self.header = _aligned(self.clients * depth * WORD.itemsize)
+        self.offsets = {r: self._slot_offsets(c) for r, c in counts.items()}
         mine = comm.Get_rank()
-        slots = clients * depth
-        nbytes = self.header + slots * self.stride[mine] if mine in counts else 0
+        nbytes = self.offsets[mine][-1] if mine in counts else 0
         super().__init__(nbytes, comm)
-        self._words = np.zeros(slots, WORD)
+        self._words = np.zeros(self.clients * depth, WORD)
+
+    def _slot_offsets(self, counts: list[int]) -> list[int]:
+        """Byte offset of every slot, client-major, and the window size last."""
+        offsets, at = [], self.header
+        for count in counts:
+            stride = ALIGN + _aligned(count * FLOAT.itemsize) if count else 0
+            for _ in range(self.depth):
+                offsets.append(at)
+                at += stride
+        return [*offsets, at]
 
     def word_offset(self, client: int, slot: int) -> int:
         return (client * self.depth + slot) * WORD.itemsize
 
     def slot_offset(self, rank: int, client: int, slot: int) -> int:
-        return self.header + (client * self.depth + slot) * self.stride[rank]
+        """Where client's slot starts on shard ``rank``: its meta words."""
+        return self.offsets[rank][client * self.depth + slot]
+
+    def data_offset(self, rank: int, client: int, slot: int) -> int:
+        return self.slot_offset(rank, client, slot) + ALIGN
+
+    def local_meta(self, client: int, slot: int) -> np.ndarray:
+        return self.view(WORD, self.slot_offset(self.rank, client, slot), self.META)
 
     def local_slot(self, client: int, slot: int) -> np.ndarray:
-        """This shard's copy of a client's slot as float32 (only the shard calls this)."""
-        offset = self.slot_offset(self.rank, client, slot)
-        return self.view(FLOAT, offset, self.counts[self.rank])
+        """This shard's copy of a client's slot data as float32 (only the shard calls this)."""
+        offset = self.data_offset(self.rank, client, slot)
+        return self.view(FLOAT, offset, self.counts[self.rank][client])
 
     def publish(self, word: np.ndarray, old: np.ndarray, rank: int, client: int,
                 slot: int) -> None:
@@ -253,8 +282,10 @@ class InboxWindow(Window):
 
         Not flushed here, so a client publishing on several shards waits for one flush.
         ``word`` and ``old`` are 1-element int64 arrays the caller keeps alive and
-        unchanged until that flush (MPI may use them any time before it).  Measured
-        faster than a one-element ``Accumulate(REPLACE)`` (about 10 vs 18 us).
+        unchanged until that flush (MPI may use them any time before it); ``old`` then
+        holds the word replaced, which must be EMPTY (the client checks: a free
+        exactly-once assertion).  Measured faster than a one-element
+        ``Accumulate(REPLACE)`` (about 10 vs 18 us).
         """
         self.win.Fetch_and_op([word, MPI.INT64_T], [old, MPI.INT64_T], rank,
                               self.word_offset(client, slot), MPI.REPLACE)

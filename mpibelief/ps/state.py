@@ -1,0 +1,156 @@
+"""A shard's state and a client's counters: plain numpy, no MPI.
+
+:class:`ShardState` is everything a shard *is*: its slice of the parameters in
+``buffers`` versions, the update rule and its state (Adagrad's sums), the version
+(parameter versions published so far) and the counters (applied, refused, staleness,
+samples per client).  The MPI shard (:mod:`mpibelief.ps.shard`) and the in-memory store
+(:mod:`mpibelief.ps.memory`) drive the same state, so what is tested without MPI is
+what runs with it.
+
+Versions: a pull returns the version it read; the push carries it back; the shard
+records ``version_now - version_then - 1`` (updates applied in between: staleness).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mpibelief.optim import Optimizer
+
+# What a push is (the inbox slot's kind): a gradient to apply, a gradient the client
+# found non-finite (no data: refused), or values to load as the next version.
+EMPTY, GRADIENT, REFUSED, LOAD = 0, 1, 2, 3
+
+
+@dataclass
+class ClientStats:
+    """Traffic and time of one client.
+
+    Attributes:
+        push_seconds: wall time inside ``push``, including any wait for a free slot.
+        wait_seconds: waiting for the shards: for a free inbox slot (inside ``push``)
+            and in ``wait_applied``; time the client could not hide behind its work.
+    """
+
+    pulls: int = 0
+    pushes: int = 0
+    refused: int = 0
+    bytes_pulled: int = 0
+    bytes_pushed: int = 0
+    pull_seconds: float = 0.0
+    push_seconds: float = 0.0
+    wait_seconds: float = 0.0
+
+
+@dataclass
+class ShardStats:
+    """What one shard did; plain data, so it pickles for the coordinator.
+
+    Attributes:
+        staleness: histogram, ``staleness[k]`` = pushes applied ``k`` updates after
+            the pull they were computed from (pushes without versions not counted).
+        bytes_in: gradient bytes received (client-refused pushes carry none).
+        busy_seconds: loop time spent consuming pushes; idle_seconds: the rest of it.
+        reader_wait_seconds: part of busy, waiting for pulls to leave a buffer.
+        cpu_seconds: process CPU time inside ``serve`` (idle must stay far below wall).
+    """
+
+    shard: int
+    rank: int
+    n_params: int
+    applied: int = 0
+    refused: int = 0
+    version: int = 0
+    staleness: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))
+    bytes_in: int = 0
+    busy_seconds: float = 0.0
+    idle_seconds: float = 0.0
+    reader_wait_seconds: float = 0.0
+    cpu_seconds: float = 0.0
+    wall_seconds: float = 0.0
+
+    def record_staleness(self, stale: int) -> None:
+        if stale >= self.staleness.size:
+            grown = np.zeros(max(stale + 1, 2 * self.staleness.size), np.int64)
+            grown[:self.staleness.size] = self.staleness
+            self.staleness = grown
+        self.staleness[stale] += 1
+
+    @property
+    def busy_fraction(self) -> float:
+        """Share of the serving time spent applying: near 1, the shard is the bottleneck."""
+        return self.busy_seconds / self.wall_seconds if self.wall_seconds else 0.0
+
+
+class ShardState:
+    """One shard's slice, update rule, version and counters; plain numpy, no MPI.
+
+    Args:
+        n: parameters in this shard's slice.
+        optimizer: the update rule applied to every gradient.
+        clients: how many clients may push (their applied samples are counted).
+        buffers: the arrays holding successive versions (the MPI shard passes its window
+            memory); default two fresh ones.  Version ``v`` lives in ``buffers[v % B]``.
+    """
+
+    def __init__(self, n: int, optimizer: Optimizer, clients: int = 1,
+                 buffers: list[np.ndarray] | None = None, shard: int = 0, rank: int = 0):
+        self.buffers = buffers if buffers is not None else [np.zeros(n, np.float32)
+                                                            for _ in range(2)]
+        self.optimizer, self.opt_state = optimizer, optimizer.state(n)
+        self.stats = ShardStats(shard=shard, rank=rank, n_params=n)
+        self.samples = np.zeros(clients, np.int64)
+
+    @property
+    def version(self) -> int:
+        return self.stats.version
+
+    @property
+    def current(self) -> np.ndarray:
+        return self.buffers[self.version % len(self.buffers)]
+
+    @property
+    def target(self) -> np.ndarray:
+        """The buffer the next version is written into."""
+        return self.buffers[(self.version + 1) % len(self.buffers)]
+
+    def consume(self, kind: int, data: np.ndarray, lo: int = 0, version: int = -1,
+                client: int = 0, samples: int = 0) -> bool:
+        """Take one push: a gradient (``GRADIENT``), new values (``LOAD``) or a refusal.
+
+        ``data`` covers ``[lo, lo + data.size)`` of the slice.  Returns True when a new
+        version was written into :attr:`target` (the caller publishes it).
+        """
+        stats = self.stats
+        if kind == LOAD:
+            self._write(data, lo, None)
+            return True
+        if kind != GRADIENT:
+            stats.refused += 1
+            return False
+        stats.bytes_in += data.nbytes
+        if not self._write(data, lo, self.optimizer):
+            stats.refused += 1
+            return False
+        stats.applied += 1
+        self.samples[client] += samples
+        if version >= 0:  # a version from the future is a caller's mix-up: count it 0
+            stats.record_staleness(max(stats.version - 1 - version, 0))
+        return True
+
+    def _write(self, data: np.ndarray, lo: int, rule: Optimizer | None) -> bool:
+        """Write the next version: ``data`` applied (or copied) on its range, the rest kept."""
+        cur, out = self.current, self.target
+        hi = lo + data.size
+        if rule is None:
+            out[lo:hi] = data
+        else:
+            state = None if self.opt_state is None else self.opt_state[lo:hi]
+            if not rule.step(cur[lo:hi], data, state, out[lo:hi]):
+                return False
+        if lo > 0 or hi < cur.size:  # a ranged push: the rest of the slice carries over
+            out[:lo], out[hi:] = cur[:lo], cur[hi:]
+        self.stats.version += 1
+        return True
