@@ -2,7 +2,8 @@
 
 The replica trains on its own shard of the training set.  Its three phases are separate
 calls, so that a driver can schedule them (the virtual-time simulator places each on a
-simulated clock; :meth:`Replica.step` runs them in Downpour's order):
+simulated clock through :meth:`Replica.phases`; :meth:`Replica.step` runs them back
+to back):
 
 - :meth:`~Replica.fetch`: pull this partition's parameters from the store;
 - :meth:`~Replica.compute`: one mini-batch forward and backward; with ``n_push`` > 1 the
@@ -110,16 +111,29 @@ class Replica:
         if self.accum is not None:
             self.accum[...] = 0.0
 
-    def step(self) -> None:
-        """Downpour's step: fetch every ``n_fetch``, compute, push every ``n_push``."""
+    def phases(self):
+        """Downpour's step as its phases, yielding each one's name once it has run.
+
+        ``fetch`` every ``n_fetch`` steps, ``compute``, ``push`` every ``n_push`` steps.
+        A driver may run other replicas between the phases (the simulator places each
+        phase on a virtual clock); :meth:`step` runs them back to back.
+        """
         s = self.stats
         if s.steps == self.fault_step:
             raise RuntimeError(f"fault injected on rank {s.rank} at step {s.steps}")
         if s.steps % self.n_fetch == 0:
             self.fetch()
+            yield "fetch"
         self.compute()
+        yield "compute"
         if s.steps % self.n_push == 0:
             self.push()
+            yield "push"
+
+    def step(self) -> None:
+        """One step, phases back to back."""
+        for _ in self.phases():
+            pass
 
     def train(self, steps: int, deadline: float = float("inf")) -> None:
         """Run ``steps`` steps (fewer if ``deadline``, a clock time, passes)."""
