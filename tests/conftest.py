@@ -45,6 +45,16 @@ def run_job(args, np: int = 1, timeout: float = 120, cwd=None, env=None, mpi: bo
         pytest.fail(f"job timed out after {timeout}s: {' '.join(cmd)}\n{exc.stdout}\n{exc.stderr}")
 
 
+SPAWNING = ("e2e", "mpi")  # test folders whose tests spawn mpiexec jobs
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Every test that spawns a job carries ``e2e``: ``-m "not e2e"`` is the quick tier."""
+    for item in items:
+        if Path(item.fspath).parent.name in SPAWNING:
+            item.add_marker(pytest.mark.e2e)
+
+
 @pytest.fixture
 def fsdd_path() -> Path:
     if not (FSDD / "recordings").is_dir():
