@@ -18,17 +18,21 @@ File layout (``mpibelief plot`` and the figure scripts read nothing else)::
         wall_seconds     training time since the start (evaluation pauses excluded
                          where the trainer evaluates itself)
         samples          training samples whose gradients have been applied to the
-                         parameters, all replicas together (refused pushes not counted)
-        updates          parameter updates applied
+                         parameters, all replicas together (refused pushes not counted;
+                         with a server, counted by the shards per client)
+        updates          parameter updates applied (with a server: the least-updated
+                         shard's version, which also counts the initial load)
         train_loss, train_accuracy   on a fixed sample of the training set
         test_loss, test_accuracy     on the whole test set
     /ranks/<name>        one entry per rank: rank, samples (trained on), train_seconds
                          (wall time in the training loop; a shard's: serving),
                          compute_seconds (a shard's: applying updates), comm_seconds,
                          wait_seconds (a shard's: idle), bytes_pushed, bytes_pulled
-    /server/<name>       parameter-server runs only: applied, refused (per shard),
-                         staleness (histogram: count of pushes by updates missed)
-    /bench/<name>/...    benchmark results (each bench documents its own group)
+    /server/<name>       parameter-server runs only: shard_rank, applied, refused,
+                         bytes_in, busy_fraction (applying / serving time), one per
+                         shard; staleness (histogram: count of pushes by updates missed)
+    /bench/<name>/...    benchmark results (each bench documents its own group); bench
+                         files carry the same provenance attributes (:func:`stamp`)
 """
 
 from __future__ import annotations
