@@ -20,8 +20,8 @@ File layout (``mpibelief plot`` and the figure scripts read nothing else)::
         samples          training samples whose gradients have been applied to the
                          parameters, all replicas together (refused pushes not counted;
                          with a server, counted by the shards per client)
-        updates          parameter updates applied (with a server: the least-updated
-                         shard's version, which also counts the initial load)
+        updates          parameter updates applied (with a server: by the least-updated
+                         shard)
         train_loss, train_accuracy   on a fixed sample of the training set
         test_loss, test_accuracy     on the whole test set
     /ranks/<name>        one entry per rank: rank, samples (trained on), train_seconds

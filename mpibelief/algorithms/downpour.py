@@ -89,7 +89,7 @@ def coordinate(ctx) -> dict:
     quiet_send(ctx.comms.control, None, workers, Tag.START)
 
     def snapshot(out: np.ndarray) -> tuple[int, int]:
-        updates = int(np.min(client.pull(out)))
+        updates = int(np.min(client.pull(out))) - 1  # versions count the initial load
         return updates, replica_samples(ps.samples_applied()[1:], lay)
 
     shard_size = len(ctx.data.y_train) // lay.replicas
