@@ -70,6 +70,18 @@ DGC_WARMUP = (0.25, 0.0625, 0.015625, 0.004)  # kept fractions, epochs 0-3 (DGC,
 
 _jit = numba.njit(cache=True)
 
+
+def pack(index: int, negative: bool) -> np.uint32:
+    """One packet word: ``index | sign << 31`` (the kernels inline this)."""
+    if not 0 <= index < MAX_ENTRIES:
+        raise ValueError(f"pack: index {index} does not fit in 31 bits")
+    return np.uint32(index) | (SIGN_BIT if negative else np.uint32(0))
+
+
+def unpack(words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(indices as int64, True where the entry is -tau)`` of packed words."""
+    return (words & INDEX_MASK).astype(np.int64), (words & SIGN_BIT) != 0
+
 # ---------------------------------------------------------------------------- kernels
 
 
