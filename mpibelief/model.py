@@ -133,6 +133,12 @@ class Model:
         """The parameter layout for a replica split into ``partitions`` ranks."""
         return ParamLayout.of(self.layers, partitions)
 
+    @staticmethod
+    def size_of(cfg, n_inputs: int, n_classes: int) -> int:
+        """Parameters the model of ``cfg`` would have, without allocating it."""
+        widths = [n_inputs] + [cfg.hidden] * cfg.layers + [n_classes]
+        return sum(a * b + b for a, b in zip(widths[:-1], widths[1:], strict=True))
+
     @classmethod
     def from_config(cls, cfg, n_inputs: int, n_classes: int) -> Model:
         """Build from a :class:`mpibelief.config.ModelConfig`."""
