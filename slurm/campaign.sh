@@ -25,7 +25,7 @@
 # Launcher and PMI variables (slurm/common.sh) reach the jobs through sbatch's environment.
 
 set -euo pipefail
-# shellcheck source=slurm/common.sh
+# shellcheck source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 # The jobs find slurm/common.sh here, wherever the campaign is started from.
 MPIBELIEF_REPO=$(dirname "$MB_SLURM_DIR")

@@ -126,33 +126,39 @@ first = os.environ.get("SLURM_PROCID", os.environ.get("PMI_RANK", "0")) == "0"
 if size != want and first:
     print(f"mpibelief: error: {sys.argv[2]} started MPI worlds of {size} rank(s), not one"
           f" of {want}: its PMI and this mpi4py'"'"'s MPI disagree (set MPIBELIEF_SRUN_MPI,"
-          " or MPIBELIEF_LAUNCHER=mpiexec)", file=sys.stderr)
-sys.exit(size != want)' "$1" "${MB_LAUNCH[*]}" || exit 2
+          " or MPIBELIEF_LAUNCHER=mpiexec)", file=sys.stderr, flush=True)
+# Only the first task fails: were all to fail, --kill-on-bad-exit could end it first.
+sys.exit(size != want and first)' "$1" "${MB_LAUNCH[*]}" || exit 2
+}
+
+# mb_on_signals: what the batch shell does with USR1, from its first line on (without
+# a trap, USR1 ends bash). Submitted with --signal=B:USR1@SECONDS, a job gets USR1 that
+# long before its time limit.
+#
+# RESUME PLUGS IN HERE (issue 11, item 3): forward USR1 to the running step
+# (kill -USR1 "$MB_STEP"; srun passes it on to every rank) so the run writes a
+# checkpoint, then `scontrol requeue "$SLURM_JOB_ID"`; mb_resume_args adds the resume
+# option when the requeued job starts again. Until runs can checkpoint, USR1 is only
+# logged: forwarding it would kill ranks that have no handler for it.
+mb_on_signals() {
+    trap 'mb_log "USR1: time limit near; this run cannot checkpoint yet, it runs on"' USR1
 }
 
 # mb_run N ARGS...: run `python ARGS` on N ranks and return its exit status.
 #
 # The step runs in the background so that the shell can take signals while it runs
-# (bash runs a trap only between foreground commands). Submitted with
-# --signal=B:USR1@SECONDS, the job gets USR1 that long before its time limit.
+# (bash runs a trap only between foreground commands).
 mb_run() {
     mb_launcher "$1"
     shift
-    mb_log "${MB_LAUNCH[*]} $PYTHON $*"
+    mb_log "launch: ${MB_LAUNCH[*]} $PYTHON $*"
     "${MB_LAUNCH[@]}" "$PYTHON" "$@" &
     MB_STEP=$!
-    # RESUME PLUGS IN HERE (issue 11, item 3): forward USR1 to the step
-    # (kill -USR1 "$MB_STEP"; srun passes it to every rank) so the run writes a
-    # checkpoint, then `scontrol requeue "$SLURM_JOB_ID"`; mb_resume_args below adds
-    # the resume option on the requeued start. Until checkpoints exist USR1 is only
-    # logged: forwarding it would kill ranks that have no handler for it.
-    trap 'mb_log "USR1: time limit near; this run cannot checkpoint yet, it runs on"' USR1
     local rc
     while :; do
         wait "$MB_STEP" && rc=0 || rc=$?
         kill -0 "$MB_STEP" 2>/dev/null || break  # wait was cut short by a signal
     done
-    trap - USR1
     return "$rc"
 }
 
