@@ -34,7 +34,7 @@ mb_log() {
 # arguments for `mpibelief train` after the config) and MB_SETS (the TABLE.KEY=VALUE
 # of every --set, for the checks that must see the same config as the run).
 mb_parse_train_args() {
-    [[ $# -ge 1 ]] || mb_die "no config given: sbatch ${0##*/} CONFIG [--set TABLE.KEY=VALUE]..."
+    [[ $# -ge 1 ]] || mb_die "no config given: sbatch slurm/train.sbatch CONFIG [--set TABLE.KEY=VALUE]..."
     MB_CONFIG=$1
     shift
     [[ -f $MB_CONFIG ]] || mb_die "config $MB_CONFIG not found (relative paths start at the submit directory $PWD)"
