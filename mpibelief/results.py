@@ -10,7 +10,13 @@ File layout (``mpibelief plot`` and the figure scripts read nothing else)::
         status           "running" while training, then "complete" or "failed: <why>"
         start_time       ISO 8601, UTC
         hosts            host names of the ranks, comma separated, with rank counts
-        slurm_job_id     "" outside Slurm
+        slurm_job_id     "" outside Slurm (so are the other slurm_* attributes)
+        slurm_array_job_id, slurm_array_task_id   the job array and this run's index in
+                         it ("" for a job that is not part of an array)
+        slurm_nodelist   the job's nodes in Slurm's compressed form, e.g. "node[01-04]"
+        slurm_tasks_per_node   Slurm's tasks per node for the step that ran the ranks,
+                         e.g. "16(x4)" (under mpiexec inside a job: its launcher step's;
+                         ``hosts`` always has where the ranks really ran)
         git_commit       "" outside a git checkout
         version_mpibelief, version_numpy, version_numba, version_mpi4py, version_h5py,
         mpi_library      versions of everything that shapes the numbers
@@ -75,8 +81,18 @@ class RankStats:
 RANK_FIELDS = tuple(f.name for f in dataclasses.fields(RankStats))
 
 
+# Provenance attribute -> the Slurm environment variable it records.
+SLURM_ATTRS = {
+    "slurm_job_id": "SLURM_JOB_ID",
+    "slurm_array_job_id": "SLURM_ARRAY_JOB_ID",
+    "slurm_array_task_id": "SLURM_ARRAY_TASK_ID",
+    "slurm_nodelist": "SLURM_JOB_NODELIST",
+    "slurm_tasks_per_node": "SLURM_TASKS_PER_NODE",
+}
+
+
 def provenance() -> dict[str, str]:
-    """Versions, host, Slurm job and git commit, for the root attributes."""
+    """Versions, host, Slurm job (array, nodes, tasks per node) and git commit."""
     import mpi4py
     import numba
 
@@ -88,7 +104,7 @@ def provenance() -> dict[str, str]:
         "version_numba": numba.__version__,
         "version_mpi4py": mpi4py.__version__,
         "version_h5py": h5py.__version__,
-        "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
+        **{name: os.environ.get(var, "") for name, var in SLURM_ATTRS.items()},
         "git_commit": _git_commit(),
         "start_time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "hosts": socket.gethostname(),

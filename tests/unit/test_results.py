@@ -30,6 +30,25 @@ def test_layout_and_provenance(tmp_path):
     assert np.isnan(series["samples"][0]) and series["samples"][1] == 10
 
 
+def test_slurm_provenance_is_recorded_and_empty_outside_slurm(tmp_path, monkeypatch):
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_ARRAY_JOB_ID": "4240", "SLURM_ARRAY_TASK_ID": "2",
+             "SLURM_JOB_NODELIST": "node[01-04]", "SLURM_TASKS_PER_NODE": "16(x4)"}
+    for var in slurm:
+        monkeypatch.delenv(var, raising=False)
+    with ResultWriter(tmp_path / "plain.h5", {}):
+        pass
+    for var, value in slurm.items():
+        monkeypatch.setenv(var, value)
+    with ResultWriter(tmp_path / "slurm.h5", {}):
+        pass
+    with h5py.File(tmp_path / "plain.h5") as plain, h5py.File(tmp_path / "slurm.h5") as job:
+        for key, value in [("slurm_job_id", "4242"), ("slurm_array_job_id", "4240"),
+                           ("slurm_array_task_id", "2"), ("slurm_nodelist", "node[01-04]"),
+                           ("slurm_tasks_per_node", "16(x4)")]:
+            assert plain.attrs[key] == "", key
+            assert job.attrs[key] == value, key
+
+
 def test_a_failed_run_says_so(tmp_path):
     path = tmp_path / "run.h5"
     with pytest.raises(RuntimeError), ResultWriter(path, {}) as w:
