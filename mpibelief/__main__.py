@@ -172,11 +172,11 @@ def main(argv=None) -> int:
         return _fail(str(exc), 2, everywhere=False)
     except KeyboardInterrupt:
         return _fail("interrupted (SIGINT)", 130, everywhere=False, quiet_off_root=True)
-    except Exception:
+    except Exception as exc:
         if _world()[1] == 1:
             raise
         traceback.print_exc()
-        return _fail("the exception above ended the job", 1, everywhere=False)
+        return _fail(f"{type(exc).__name__}: {exc} (traceback above)", 1, everywhere=False)
 
 
 if __name__ == "__main__":

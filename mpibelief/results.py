@@ -7,7 +7,11 @@ File layout (``mpibelief plot`` and the figure scripts read nothing else)::
         algorithm        e.g. "sgd", "downpour"
         world_size       number of MPI ranks
         roles            the rank/role table, one line per rank
-        status           "running" while training, then "complete" or "failed: <why>"
+        status           "running" while training, then "complete" (perhaps "complete
+                         without N failed replica(s) ..."), "stopped: SIGTERM ..." or
+                         "failed: [rank N: ]<why>"
+        writer_pid, writer_host  the process writing the file (a live one is never
+                         replaced); resumed_from, resume_params_sha256 after --resume
         start_time       ISO 8601, UTC
         hosts            host names of the ranks, comma separated, with rank counts
         slurm_job_id     "" outside Slurm (so are the other slurm_* attributes)
@@ -37,6 +41,7 @@ File layout (``mpibelief plot`` and the figure scripts read nothing else)::
     /server/<name>       parameter-server runs only: shard_rank, applied, refused,
                          bytes_in, busy_fraction (applying / serving time), one per
                          shard; staleness (histogram: count of pushes by updates missed)
+    /failures/<name>     replicas given up on: rank, seconds (run time), reason
     /bench/<name>/...    benchmark results (each bench documents its own group); bench
                          files carry the same provenance attributes (:func:`stamp`)
 """
@@ -241,7 +246,12 @@ class ResultWriter:
             for name, values in columns.items():
                 if name in grp:
                     del grp[name]
-                grp.create_dataset(name, data=np.asarray(values))
+                data = np.asarray(values)
+                if data.dtype.kind == "U":  # text: HDF5 variable-length UTF-8 strings
+                    data = data.astype(object)
+                    grp.create_dataset(name, data=data, dtype=h5py.string_dtype())
+                else:
+                    grp.create_dataset(name, data=data)
 
     def write_ranks(self, records: list[RankStats]) -> None:
         """``/ranks``: one row per rank, in the order given."""

@@ -95,9 +95,9 @@ mb_warm() {
         rm -rf "$tmp"
         mb_die "warming the Numba cache failed (output above)"
     }
-    # The push path's NaN probe is compiled by clients only, which the run above lacks.
-    "$PYTHON" -c 'import numpy as np; from mpibelief.client import all_finite
-all_finite(np.zeros(1, np.float32))'
+    # The shards' update rules and the push path's NaN probe, which SGD alone lacks.
+    "$PYTHON" -c 'from mpibelief.optim import Optimizer
+for kind in ("sgd", "adagrad"): Optimizer(kind, 0.1).warm()'
     rm -rf "$tmp"
     mb_log "data and Numba cache warm ($((SECONDS - start)) s, one process)"
 }
