@@ -19,20 +19,7 @@ import time
 
 import h5py
 
-
-def alive(pid: int) -> bool:
-    """Running (a zombie, dead but not yet reaped by the launcher, counts as dead)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+from mpibelief.results import process_alive
 
 
 def watch(path: str, pids: dict[int, int], coordinator: int) -> None:
@@ -53,7 +40,7 @@ def watch(path: str, pids: dict[int, int], coordinator: int) -> None:
         if fd >= 0:
             poller.register(fd, select.POLLIN)
     first_dead, when = [], ""
-    while alive(pids[coordinator]):
+    while process_alive(pids[coordinator]):
         ready = poller.poll(1000)
         if not first_dead and ready:
             first_dead = sorted(fds[fd] for fd, _ in ready)

@@ -320,19 +320,25 @@ def _check_replaceable(path: Path) -> None:
             pid, host = int(f.attrs.get("writer_pid", 0)), str(f.attrs.get("writer_host", ""))
     except (OSError, ValueError):
         return  # not a readable result file: nothing running writes it
-    if status == "running" and host == socket.gethostname() and pid and _alive(pid):
+    if status == "running" and host == socket.gethostname() and pid and process_alive(pid):
         raise UserError(f"result file {path} is being written by a running job (pid {pid});"
                         " it cannot be replaced until that job ends")
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` on this host runs (a zombie, dead but not yet reaped by
+    its launcher, counts as dead)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
         return True
-    return True
 
 
 def read_metrics(path: str | Path, attempts: int = 5) -> tuple[dict, dict]:

@@ -72,6 +72,8 @@ def test_diverging_downpour_fails_with_one_line(tmp_path):
     assert_one_line_error(result, "training diverged")
     with h5py.File(out) as f:
         assert f.attrs["status"].startswith("failed: training diverged")
+        # Everyone was stopped cleanly first: the tables are there (issue 10).
+        assert f["server/refused"][()].sum() > 0 and len(f["ranks/rank"]) == 4
 
 
 def test_batch_larger_than_a_replicas_data(tmp_path):
