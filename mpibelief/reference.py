@@ -91,17 +91,17 @@ def _patches(x, rf, stride):
 
 def lc_forward(x, w, b, rf, stride, out):
     """Locally connected layer: one matmul per output location (batched by np.matmul)."""
-    y = np.matmul(_patches(x, rf, stride), w)  # (OH, OW, n, U)
+    y = np.matmul(_patches(x, rf, stride), w.transpose(0, 1, 3, 2))  # (OH, OW, n, U)
     out[...] = y.transpose(2, 0, 1, 3) + b
 
 
 def lc_backward(x, w, dy, rf, stride, dx, dw, db):
     """Gradients of :func:`lc_forward`; patch gradients are added back per location."""
     g = dy.transpose(1, 2, 0, 3)  # (OH, OW, n, U)
-    np.matmul(_patches(x, rf, stride).transpose(0, 1, 3, 2), g, out=dw)
+    np.matmul(g.transpose(0, 1, 3, 2), _patches(x, rf, stride), out=dw)  # (OH, OW, U, K)
     dy.sum(axis=0, out=db)
     oh, ow = w.shape[:2]
-    dpatch = np.matmul(g, w.transpose(0, 1, 3, 2))  # (OH, OW, n, K)
+    dpatch = np.matmul(g, w)  # (OH, OW, n, K)
     dpatch = dpatch.reshape(oh, ow, x.shape[0], rf, rf, x.shape[3])
     dx[...] = 0
     for oy in range(oh):

@@ -109,7 +109,7 @@ def lc_case(n, h, w, c, rf, stride, u):
     oh, ow = kernels.lc_output_shape(h, w, rf, stride)
 
     def make(rng):
-        return {"x": _normal(rng, n, h, w, c), "w": _normal(rng, oh, ow, rf * rf * c, u,
+        return {"x": _normal(rng, n, h, w, c), "w": _normal(rng, oh, ow, u, rf * rf * c,
                                                             scale=0.3),
                 "b": _normal(rng, oh, ow, u)}
 
@@ -218,9 +218,9 @@ def test_softmax_xent_is_stable_for_huge_logits():
 
 
 def test_lc_rejects_mismatched_shapes():
-    x, w, b = np.zeros((2, 6, 6, 1), F32), np.zeros((2, 2, 9, 3), F32), np.zeros((2, 2, 3), F32)
+    x, w, b = np.zeros((2, 6, 6, 1), F32), np.zeros((2, 2, 3, 9), F32), np.zeros((2, 2, 3), F32)
     out = np.zeros((2, 2, 2, 3), F32)
-    kernels.lc_forward(x, w, b, 3, 2, out)  # rf=3, stride=2: (2, 2, 9, U) is right ...
+    kernels.lc_forward(x, w, b, 3, 2, out)  # rf=3, stride=2: (2, 2, U, 9) is right ...
     with pytest.raises(ValueError):  # ... but not for stride 1
         kernels.lc_forward(x, w, b, 3, 1, out)
     with pytest.raises(ValueError):
@@ -234,7 +234,7 @@ def test_parameters_as_views_of_one_flat_vector():
     rng = np.random.default_rng(2)
     x, g = _normal(rng, 3, 7, 6, 2), _normal(rng, 3, 3, 2, 4)
     flat = np.zeros(1 + 3 * 2 * 18 * 4 + 3 * 2 * 4, F32)
-    w = flat[1:1 + 432].reshape(3, 2, 18, 4)  # 4-byte but not 8-byte aligned
+    w = flat[1:1 + 432].reshape(3, 2, 4, 18)  # 4-byte but not 8-byte aligned
     b = flat[433:].reshape(3, 2, 4)
     w[...], b[...] = _normal(rng, *w.shape), _normal(rng, *b.shape)
     out_k, out_r = np.empty_like(g), np.empty_like(g)
