@@ -138,22 +138,23 @@ def tanh_backward(y, dy, dz):
 
 @_jit
 def relu_forward(z, out):
-    """``out = max(z, 0)``."""
+    """``out = max(z, 0)``, NaN kept as NaN (as PyTorch): a diverged model must show."""
     zf = z.reshape(-1)
     of = out.reshape(-1)
     for k in range(zf.size):
         v = zf[k]
-        of[k] = v if v > 0.0 else 0.0
+        of[k] = 0.0 if v <= 0.0 else v  # not 'v > 0': that is false for NaN
 
 
 @_jit
 def relu_backward(y, dy, dz):
-    """``dz = dy where y > 0 else 0`` where ``y`` is the forward output."""
+    """``dz = 0 where y <= 0 else dy`` (``y`` the forward output; a NaN ``y`` passes ``dy``,
+    as PyTorch's ``threshold_backward``)."""
     yf = y.reshape(-1)
     gf = dy.reshape(-1)
     df = dz.reshape(-1)
     for k in range(yf.size):
-        df[k] = gf[k] if yf[k] > 0.0 else 0.0
+        df[k] = 0.0 if yf[k] <= 0.0 else gf[k]
 
 
 # --------------------------------------------------------------------- softmax-xent
@@ -181,7 +182,8 @@ def softmax_xent(logits, labels, probs, dlogits):
         best = 0
         m = row[0]
         for j in range(1, k):
-            if row[j] > m:
+            # A NaN counts as the maximum, as in np.argmax; the loss is NaN either way.
+            if row[j] > m or (row[j] != row[j] and m == m):
                 m = row[j]
                 best = j
         p = probs[i]

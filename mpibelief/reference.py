@@ -51,13 +51,13 @@ def tanh_backward(y, dy, dz):
 
 
 def relu_forward(z, out):
-    """``out = z where z > 0 else 0``."""
-    out[...] = np.where(z > 0, z, 0)
+    """``out = 0 where z <= 0 else z``: NaN stays NaN (``z > 0`` would zero it)."""
+    out[...] = np.where(z <= 0, 0, z)
 
 
 def relu_backward(y, dy, dz):
-    """``dz = dy where y > 0 else 0``."""
-    dz[...] = np.where(y > 0, dy, 0)
+    """``dz = 0 where y <= 0 else dy`` (a NaN ``y`` passes ``dy``, as PyTorch)."""
+    dz[...] = np.where(y <= 0, 0, dy)
 
 
 def softmax_xent(logits, labels, probs, dlogits):
