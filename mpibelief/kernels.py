@@ -260,7 +260,10 @@ def _strip_rows(x3, c0, L, Hu, strip, add_back):
 
 @_jit
 def _dot_tile(p, off, K, wt, i, u, y):
-    """``y[i:i+4, u:u+4] = p[i:i+4, off:off+K] @ wt[u:u+4, :K].T``: 16 dot products."""
+    """``y[i:i+4, u:u+4] = p[i:i+4, off:off+K] @ wt[u:u+4, :K].T``: 16 dot products.
+
+    ``p`` is a strip (patches), ``wt`` a location's ``(U, K)`` weights.
+    """
     p0, p1, p2, p3 = p[i, off:off + K], p[i + 1, off:off + K], p[i + 2, off:off + K], \
         p[i + 3, off:off + K]
     w0, w1, w2, w3 = wt[u], wt[u + 1], wt[u + 2], wt[u + 3]
@@ -284,7 +287,8 @@ def _dot_tile(p, off, K, wt, i, u, y):
 def _axpy_tile(d, doff, r, src, soff, K, c):
     """``d[r+j, doff:+K] += sum_m c[j, m] * src[m, soff:+K]`` for ``j, m < 4``.
 
-    One tile serves both gradients: ``dW.T += G.T @ patches`` and ``dpatches += G @ W.T``.
+    One tile serves both gradients: ``dW += G.T @ patches`` and ``dpatches += G @ W``
+    (``W``, ``dW`` a location's ``(U, K)`` weights and gradient, ``G`` its ``(n, U)``).
     """
     d0, d1, d2, d3 = d[r, doff:doff + K], d[r + 1, doff:doff + K], d[r + 2, doff:doff + K], \
         d[r + 3, doff:doff + K]
