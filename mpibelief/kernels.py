@@ -15,14 +15,15 @@ The locally connected (LC) layer is the kernel that needs thought.  Each of the
 is ``OH*OW`` small GEMMs sharing only the batch axis (``n x K x U``: 32 x 300 x 8 to
 32 x 3600 x 36 for the paper's image models).  BLAS is a poor fit: on exactly these
 products, operands laid out in advance, scipy's OpenBLAS (its AVX2 "Haswell" kernels on
-this AVX-512 machine) ran at 0.3-0.6 x its square-matrix rate.  So the LC kernels are
+this AVX-512 machine) ran at 0.25-0.6 x its square-matrix rate.  So the LC kernels are
 loops, shaped for LLVM's vectoriser:
 
 * every inner loop runs over the long contiguous axis ``K`` with a 4 x 4 tile of
   scalars hoisted out of it: 16 accumulators (forward, reductions over ``K``) or 16
   coefficients (both gradients, ``d[r] += c @ src`` row updates).  LLVM keeps them in
-  vector registers at full width (zmm here); alone, the tiles ran at 1.0-1.4 x the
-  square sgemm.  Batch and units are zero-padded to multiples of 4: no tail code.
+  vector registers at full width (zmm here); alone, on cached data, the tiles peaked
+  at 0.9-1.7 x the square sgemm's peak (lowest for the gradient tiles at K = 300, whose
+  K % 16 tail runs scalar).  Batch and units are zero-padded to multiples of 4.
 * the weights are stored ``(OH, OW, U, K)``, unit-major, so every tile reads a
   location's weights (and writes its weight gradient) in place.  With ``(K, U)`` the
   per-location transposes took 28-57% of the forward time (measured), since a
