@@ -6,35 +6,39 @@ except :func:`softmax_xent`, which returns ``(mean loss, number correct)``.  Ker
 no MPI and no config objects; :mod:`mpibelief.reference` has a numpy twin of each one
 with the same name and signature, and ``tests/unit/test_kernels.py`` checks every pair.
 
-GEMM-shaped work goes to the BLAS that scipy ships, through ``np.dot`` or, where a
-leading dimension is needed, through ``numba_xxgemm``, the C helper behind numba's own
-``np.dot``.  Everything else is explicit loops.  Threads: whatever ``NUMBA_NUM_THREADS``
-and ``OPENBLAS_NUM_THREADS`` say at start-up (one per rank here); no ``prange``.
+GEMM-shaped dense work goes to the BLAS that scipy ships, through numba's ``np.dot``.
+Everything else is explicit loops.  Threads: whatever ``NUMBA_NUM_THREADS`` and
+``OPENBLAS_NUM_THREADS`` say at start-up (one per rank here); no ``prange``.
 
 The locally connected (LC) layer is the kernel that needs thought.  Each of the
-``OH*OW`` output locations has its own ``(K, U)`` weights, ``K = rf*rf*C``, so the layer
-is ``OH*OW`` small GEMMs sharing only the batch axis (paper sizes: 144 GEMMs of
-32x300x8).  Two costs dominate a naive version: the im2col of NHWC input (one short run
-of ``rf*C`` floats per sample per patch row, per location) and BLAS calls in shapes it
-runs slowly (BLAS is fast here when the output's contiguous axis is the batch or ``K``,
-slow when it is ``U``).  The kernels therefore work one column of locations at a time,
-on a *strip*: the image rows cut to that column's window width ``L = rf*C``, row after
-row, ``strip[(y, j)] = x[y, c0 + j]``.  In a strip the patch of every location of the
-column is one contiguous run of ``K`` floats, already in ``w``'s ``(dy, dx, c)`` order,
-so BLAS reads patches in place:
+``OH*OW`` output locations has its own ``(U, K)`` weights, ``K = rf*rf*C``, so the layer
+is ``OH*OW`` small GEMMs sharing only the batch axis (``n x K x U``: 32 x 300 x 8 to
+32 x 3600 x 36 for the paper's image models).  BLAS is a poor fit: on exactly these
+products, operands laid out in advance, scipy's OpenBLAS (its AVX2 "Haswell" kernels on
+this AVX-512 machine) ran at 0.25-0.6 x its square-matrix rate.  So the LC kernels are
+loops, shaped for LLVM's vectoriser:
 
-* forward: the strip is sample-minor, ``(rows*L, n)``, copied from a sample-minor
-  transpose of ``x`` in runs of ``L*n`` floats; ``Ot (U, n) = W.T @ patch``.
-* backward, ``dw``: a sample-major strip ``(n, rows*L)``; ``dW (K, U) = patch.T @ G`` is
-  one strided GEMM written straight into ``dw``.
-* backward, ``dx``: ``dpatch.T (K, n) = W @ G.T`` is accumulated by BLAS itself
-  (``beta=1``) into a sample-minor strip gradient, which is added to a sample-minor ``dx``
-  once per column and transposed to NHWC at the end.
+* every inner loop runs over the long contiguous axis ``K`` with a 4 x 4 tile of
+  scalars hoisted out of it: 16 accumulators (forward, reductions over ``K``) or 16
+  coefficients (both gradients, ``d[r] += c @ src`` row updates).  LLVM keeps them in
+  vector registers at full width (zmm here); alone, on cached data, the tiles peaked
+  at 0.9-1.7 x the square sgemm's peak (lowest for the gradient tiles at K = 300, whose
+  K % 16 tail runs scalar).  Batch and units are zero-padded to multiples of 4.
+* the weights are stored ``(OH, OW, U, K)``, unit-major, so every tile reads a
+  location's weights (and writes its weight gradient) in place.  With ``(K, U)`` the
+  per-location transposes took 28-57% of the forward time (measured), since a
+  transpose costs about what 2n flops per weight do.
+* patches come from a *strip*: one column of windows, the image rows cut to the
+  column's width ``L = rf*C``, sample-major, ``strip[i, y*L + j] = x[i, y, c0 + j]``.
+  In it the patch of every location of the column is one contiguous run of ``K``
+  floats per sample, already in the weights' ``(dy, dx, c)`` order; its gradient is
+  accumulated in a strip of the same shape and added back once per column.
+
+``bench/kernels.py`` times all of this against sgemm through the same BLAS.
 """
 
 import numba
 import numpy as np
-from numba import types
 
 # Fast-math without 'nnan'/'ninf': lets LLVM reassociate sums (vectorised reductions)
 # but keeps IEEE inf/nan semantics, so a diverging model shows up as inf/nan, not junk.
@@ -135,22 +139,23 @@ def tanh_backward(y, dy, dz):
 
 @_jit
 def relu_forward(z, out):
-    """``out = max(z, 0)``."""
+    """``out = max(z, 0)``, NaN kept as NaN (as PyTorch): a diverged model must show."""
     zf = z.reshape(-1)
     of = out.reshape(-1)
     for k in range(zf.size):
         v = zf[k]
-        of[k] = v if v > 0.0 else 0.0
+        of[k] = 0.0 if v <= 0.0 else v  # not 'v > 0': that is false for NaN
 
 
 @_jit
 def relu_backward(y, dy, dz):
-    """``dz = dy where y > 0 else 0`` where ``y`` is the forward output."""
+    """``dz = 0 where y <= 0 else dy`` (``y`` the forward output; a NaN ``y`` passes ``dy``,
+    as PyTorch's ``threshold_backward``)."""
     yf = y.reshape(-1)
     gf = dy.reshape(-1)
     df = dz.reshape(-1)
     for k in range(yf.size):
-        df[k] = gf[k] if yf[k] > 0.0 else 0.0
+        df[k] = 0.0 if yf[k] <= 0.0 else gf[k]
 
 
 # --------------------------------------------------------------------- softmax-xent
@@ -178,7 +183,8 @@ def softmax_xent(logits, labels, probs, dlogits):
         best = 0
         m = row[0]
         for j in range(1, k):
-            if row[j] > m:
+            # A NaN counts as the maximum, as in np.argmax; the loss is NaN either way.
+            if row[j] > m or (row[j] != row[j] and m == m):
                 m = row[j]
                 best = j
         p = probs[i]
@@ -200,28 +206,9 @@ def softmax_xent(logits, labels, probs, dlogits):
 
 
 # ---------------------------------------------------------------- locally connected
-
-# numba's own np.dot reaches BLAS through the C helper ``numba_xxgemm`` (scipy's sgemm).
-# Calling it directly gives what np.dot hides: leading dimensions (a GEMM on a window of
-# a bigger array, no copy), transposed operands and accumulation (beta=1).  The symbol is
-# resolved by name, so kernels that use it still cache.
-_f32p = types.CPointer(types.float32)
-_xxgemm = types.ExternalFunction("numba_xxgemm", types.intc(
-    types.char, types.char, types.char, types.intp, types.intp, types.intp,
-    _f32p, _f32p, types.intp, _f32p, types.intp, _f32p, _f32p, types.intp))
-_KIND, _N, _T = ord("s"), ord("n"), ord("t")
-
-
-@_jit
-def _gemm(ta, tb, m, n, k, a, lda, b, ldb, accumulate, c, ldc):
-    """Row-major ``C[:m, :n] (+)= op(A) @ op(B)`` on flat views with leading dimensions.
-
-    ``ta``/``tb`` are ``_N`` or ``_T``; ``op(A)`` is ``m x k``, ``op(B)`` is ``k x n``.
-    """
-    scal = np.array([1.0, 1.0 if accumulate else 0.0], np.float32)
-    # BLAS is column-major: row-major C = op(A) op(B) is column-major C.T = op(B).T op(A).T.
-    _xxgemm(_KIND, tb, ta, n, m, k, scal[0:].ctypes, b.ctypes, ldb, a.ctypes, lda,
-            scal[1:].ctypes, c.ctypes, ldc)
+# Register tiles: every inner loop below is over the long contiguous axis K, with 4 x 4
+# scalars hoisted out of it, so LLVM's loop vectoriser keeps 16 accumulators (or 16
+# coefficients) in vector registers at the machine's full width.
 
 
 def lc_output_shape(h, w, rf, stride):
@@ -231,105 +218,146 @@ def lc_output_shape(h, w, rf, stride):
 
 @_jit
 def _lc_check(x, w, b, y, rf, stride):
-    """Shapes must agree: BLAS and unchecked indexing would write out of bounds."""
+    """Shapes must agree: the unchecked indexing below would write out of bounds."""
     n, H, W, C = x.shape
-    OH, OW, _, U = w.shape
+    OH, OW, U, _ = w.shape
     if rf < 1 or stride < 1 or rf > H or rf > W:
         raise ValueError("lc: need 1 <= rf <= min(H, W) and stride >= 1")
-    if w.shape[:3] != ((H - rf) // stride + 1, (W - rf) // stride + 1, rf * rf * C):
-        raise ValueError("lc: w must be (*lc_output_shape(H, W, rf, stride), rf*rf*C, U)")
+    if (w.shape[0], w.shape[1], w.shape[3]) != ((H - rf) // stride + 1,
+                                                 (W - rf) // stride + 1, rf * rf * C):
+        raise ValueError("lc: w must be (*lc_output_shape(H, W, rf, stride), U, rf*rf*C)")
     if b.shape != (OH, OW, U) or y.shape != (n, OH, OW, U):
         raise ValueError("lc: b/db must be (OH, OW, U) and out/dy (n, OH, OW, U)")
 
 
 @_jit
-def _transpose(a, at, to_at):
-    """``at[m, i] = a[i, m]`` (to_at) or the reverse, for ``a (n, M)``, ``at (M, n)``.
+def _up4(k):
+    return (k + 3) // 4 * 4
 
-    Eight rows of ``a`` at a time, so that every 32-byte run of ``at`` is written (or
-    read) once while the eight source rows stream through the cache.
+
+@_jit
+def _strip_rows(x3, c0, L, Hu, strip, add_back):
+    """``strip[i, y*L + j] = x3[i, y, c0 + j]`` for ``i < n``, or the reverse, added.
+
+    The strip is one column of windows, sample-major: in it the patch of every location
+    of the column is one contiguous run of ``K = rf*L`` floats per sample, already in
+    ``w``'s ``(dy, dx, c)`` order.  Rows ``n..`` of the strip (padding) are not touched.
     """
-    n, M = a.shape
-    atf = at.reshape(-1)
-    i0 = 0
-    while i0 + 8 <= n:
-        r0, r1, r2, r3 = a[i0], a[i0 + 1], a[i0 + 2], a[i0 + 3]
-        r4, r5, r6, r7 = a[i0 + 4], a[i0 + 5], a[i0 + 6], a[i0 + 7]
-        for m in range(M):
-            o = m * n + i0
-            if to_at:
-                atf[o], atf[o + 1], atf[o + 2], atf[o + 3] = r0[m], r1[m], r2[m], r3[m]
-                atf[o + 4], atf[o + 5], atf[o + 6], atf[o + 7] = r4[m], r5[m], r6[m], r7[m]
+    n, H, WC = x3.shape
+    xf = x3.reshape(-1)
+    sf = strip.reshape(-1)
+    width = strip.shape[1]
+    for i in range(n):
+        for y in range(Hu):
+            s = np.uint64((i * H + y) * WC + c0)  # unsigned: no negative-index wrapping
+            d = np.uint64(i * width + y * L)
+            if add_back:
+                for j in range(np.uint64(L)):
+                    xf[s + j] += sf[d + j]
             else:
-                r0[m], r1[m], r2[m], r3[m] = atf[o], atf[o + 1], atf[o + 2], atf[o + 3]
-                r4[m], r5[m], r6[m], r7[m] = atf[o + 4], atf[o + 5], atf[o + 6], atf[o + 7]
-        i0 += 8
-    for i in range(i0, n):
-        row = a[i]
-        for m in range(M):
-            if to_at:
-                atf[m * n + i] = row[m]
-            else:
-                row[m] = atf[m * n + i]
+                for j in range(np.uint64(L)):
+                    sf[d + j] = xf[s + j]
 
 
 @_jit
-def _copy(src, dst):
-    for k in range(src.size):
-        dst[k] = src[k]
+def _dot_tile(p, off, K, wt, i, u, y):
+    """``y[i:i+4, u:u+4] = p[i:i+4, off:off+K] @ wt[u:u+4, :K].T``: 16 dot products.
+
+    ``p`` is a strip (patches), ``wt`` a location's ``(U, K)`` weights.
+    """
+    p0, p1, p2, p3 = p[i, off:off + K], p[i + 1, off:off + K], p[i + 2, off:off + K], \
+        p[i + 3, off:off + K]
+    w0, w1, w2, w3 = wt[u], wt[u + 1], wt[u + 2], wt[u + 3]
+    z = np.float32(0.0)
+    a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = z
+    a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = z
+    for k in range(K):
+        x0, x1, x2, x3 = p0[k], p1[k], p2[k], p3[k]
+        v0, v1, v2, v3 = w0[k], w1[k], w2[k], w3[k]
+        a00 += x0 * v0; a01 += x0 * v1; a02 += x0 * v2; a03 += x0 * v3  # noqa: E702
+        a10 += x1 * v0; a11 += x1 * v1; a12 += x1 * v2; a13 += x1 * v3  # noqa: E702
+        a20 += x2 * v0; a21 += x2 * v1; a22 += x2 * v2; a23 += x2 * v3  # noqa: E702
+        a30 += x3 * v0; a31 += x3 * v1; a32 += x3 * v2; a33 += x3 * v3  # noqa: E702
+    y[i, u], y[i, u + 1], y[i, u + 2], y[i, u + 3] = a00, a01, a02, a03
+    y[i + 1, u], y[i + 1, u + 1], y[i + 1, u + 2], y[i + 1, u + 3] = a10, a11, a12, a13
+    y[i + 2, u], y[i + 2, u + 1], y[i + 2, u + 2], y[i + 2, u + 3] = a20, a21, a22, a23
+    y[i + 3, u], y[i + 3, u + 1], y[i + 3, u + 2], y[i + 3, u + 3] = a30, a31, a32, a33
 
 
 @_jit
-def _add(src, dst):
-    for k in range(src.size):
-        dst[k] += src[k]
+def _axpy_tile(d, doff, r, src, soff, K, c):
+    """``d[r+j, doff:+K] += sum_m c[j, m] * src[m, soff:+K]`` for ``j, m < 4``.
+
+    One tile serves both gradients: ``dW += G.T @ patches`` and ``dpatches += G @ W``
+    (``W``, ``dW`` a location's ``(U, K)`` weights and gradient, ``G`` its ``(n, U)``).
+    """
+    d0, d1, d2, d3 = d[r, doff:doff + K], d[r + 1, doff:doff + K], d[r + 2, doff:doff + K], \
+        d[r + 3, doff:doff + K]
+    s0, s1, s2, s3 = src[0, soff:soff + K], src[1, soff:soff + K], src[2, soff:soff + K], \
+        src[3, soff:soff + K]
+    c00, c01, c02, c03 = c[0, 0], c[0, 1], c[0, 2], c[0, 3]
+    c10, c11, c12, c13 = c[1, 0], c[1, 1], c[1, 2], c[1, 3]
+    c20, c21, c22, c23 = c[2, 0], c[2, 1], c[2, 2], c[2, 3]
+    c30, c31, c32, c33 = c[3, 0], c[3, 1], c[3, 2], c[3, 3]
+    for k in range(K):
+        x0, x1, x2, x3 = s0[k], s1[k], s2[k], s3[k]
+        d0[k] += c00 * x0 + c01 * x1 + c02 * x2 + c03 * x3
+        d1[k] += c10 * x0 + c11 * x1 + c12 * x2 + c13 * x3
+        d2[k] += c20 * x0 + c21 * x1 + c22 * x2 + c23 * x3
+        d3[k] += c30 * x0 + c31 * x1 + c32 * x2 + c33 * x3
+
+
+@_jit
+def _weights_at(w, oy, ox, pad):
+    """Location ``(oy, ox)``'s ``(U, K)`` weights: a view, or, if ``U % 4``, a zero-padded copy."""
+    U = w.shape[2]
+    if U % 4 == 0:
+        return w[oy, ox]
+    pad[:U] = w[oy, ox]
+    return pad
 
 
 @_jit
 def lc_forward(x, w, b, rf, stride, out):
     """Locally connected layer (no weight sharing), NHWC.
 
-    ``out[i, oy, ox, u] = b[oy, ox, u] + sum_k patch(i, oy, ox)[k] * w[oy, ox, k, u]``
+    ``out[i, oy, ox, u] = b[oy, ox, u] + sum_k patch(i, oy, ox)[k] * w[oy, ox, u, k]``
     where the patch of location ``(oy, ox)`` is ``x[i, oy*stride:+rf, ox*stride:+rf, :]``
     flattened in ``(dy, dx, c)`` order.  Shapes: ``x (n, H, W, C)``,
-    ``w (OH, OW, rf*rf*C, U)``, ``b (OH, OW, U)``, ``out (n, OH, OW, U)``.
+    ``w (OH, OW, U, rf*rf*C)``, ``b (OH, OW, U)``, ``out (n, OH, OW, U)``.
     """
     n, H, W, C = x.shape
-    OH, OW, K, U = w.shape
+    OH, OW, U, K = w.shape
     _lc_check(x, w, b, out, rf, stride)
-    L, WC, Hu = rf * C, W * C, (OH - 1) * stride + rf  # Hu: image rows in use
-    xt = np.empty((H * WC, n), np.float32)  # x, sample-minor
-    _transpose(x.reshape(n, H * WC), xt, True)
-    xtf = xt.reshape(-1)
-    strip = np.empty((Hu * L, n), np.float32)  # one column of windows, sample-minor
-    sf = strip.reshape(-1)
-    Ot = np.empty((U, n), np.float32)
+    L, Hu = rf * C, (OH - 1) * stride + rf  # Hu: image rows in use
+    n4, U4 = _up4(n), _up4(U)  # zero padding: whole 4 x 4 tiles, no tail code
+    strip = np.zeros((n4, Hu * L), np.float32)
+    pad = np.zeros((U4, K), np.float32)
+    y = np.empty((n4, U4), np.float32)
+    x3 = x.reshape(n, H, W * C)
     for ox in range(OW):
-        c0 = ox * stride * C
-        for y in range(Hu):
-            _copy(xtf[(y * WC + c0) * n:(y * WC + c0 + L) * n], sf[y * L * n:(y + 1) * L * n])
+        _strip_rows(x3, ox * stride * C, L, Hu, strip, False)
         for oy in range(OH):
-            y0 = oy * stride
-            np.dot(w[oy, ox].T, strip[y0 * L:y0 * L + K], Ot)
+            wl = _weights_at(w, oy, ox, pad)
+            for i in range(0, n4, 4):
+                for u in range(0, U4, 4):
+                    _dot_tile(strip, oy * stride * L, K, wl, i, u, y)
             bl = b[oy, ox]
             for i in range(n):
                 o = out[i, oy, ox]
                 for u in range(U):
-                    o[u] = Ot[u, i] + bl[u]
+                    o[u] = y[i, u] + bl[u]
 
 
 @_jit
-def _fill_strip(x3, c0, L, Hu, strip):
-    """``strip[i, y*L + j] = x3[i, y, c0 + j]``: one column of windows, sample-major."""
-    n, H, WC = x3.shape
-    xf = x3.reshape(-1)
-    sf = strip.reshape(-1)
-    for i in range(n):
-        for y in range(Hu):
-            s = np.uint64((i * H + y) * WC + c0)  # unsigned: no negative-index wrapping
-            d = np.uint64((i * Hu + y) * L)
-            for j in range(np.uint64(L)):
-                sf[d + j] = xf[s + j]
+def _lc_grads_at(strip, dstrip, off, K, wl, g, gt, dwl):
+    """One location's ``dW (U4, K)`` and its patch gradients, added into ``dstrip``."""
+    n4, U4 = g.shape
+    dwl[:] = 0.0
+    for i in range(0, n4, 4):
+        for u in range(0, U4, 4):
+            _axpy_tile(dwl, 0, u, strip[i:i + 4], off, K, gt[u:u + 4, i:i + 4])
+            _axpy_tile(dstrip, off, i, wl[u:u + 4], 0, K, g[i:i + 4, u:u + 4])
 
 
 @_jit
@@ -340,40 +368,33 @@ def lc_backward(x, w, dy, rf, stride, dx, dw, db):
     ``dw`` and ``db`` (same shapes as ``w`` and ``b``).
     """
     n, H, W, C = x.shape
-    OH, OW, K, U = w.shape
+    OH, OW, U, K = w.shape
     _lc_check(x, w, db, dy, rf, stride)
     if dx.shape != x.shape or dw.shape != w.shape:
         raise ValueError("lc_backward: dx and dw must have the shapes of x and w")
-    L, WC, Hu = rf * C, W * C, (OH - 1) * stride + rf
-    x3 = x.reshape(n, H, WC)
-    strip = np.empty((n, Hu * L), np.float32)  # one column of windows, sample-major
-    sf = strip.reshape(-1)
-    dstrip = np.empty((Hu * L, n), np.float32)  # its gradient, sample-minor
-    dsf = dstrip.reshape(-1)
-    dxt = np.zeros((H * WC, n), np.float32)  # dx, sample-minor
-    dxtf = dxt.reshape(-1)
-    G = np.empty((n, U), np.float32)
-    Gt = np.empty((U, n), np.float32)
+    L, Hu = rf * C, (OH - 1) * stride + rf
+    n4, U4 = _up4(n), _up4(U)
+    strip = np.zeros((n4, Hu * L), np.float32)
+    dstrip = np.empty((n4, Hu * L), np.float32)
+    pad, dpad = np.zeros((U4, K), np.float32), np.empty((U4, K), np.float32)
+    g, gt = np.zeros((n4, U4), np.float32), np.zeros((U4, n4), np.float32)
+    x3, dx3 = x.reshape(n, H, W * C), dx.reshape(n, H, W * C)
+    dx[:] = 0.0
     for ox in range(OW):
         c0 = ox * stride * C
-        _fill_strip(x3, c0, L, Hu, strip)
+        _strip_rows(x3, c0, L, Hu, strip, False)
         dstrip[:] = 0.0
         for oy in range(OH):
-            y0 = oy * stride
             dbl = db[oy, ox]
             dbl[:] = 0.0
             for i in range(n):
-                g = dy[i, oy, ox]
+                gi = dy[i, oy, ox]
                 for u in range(U):
-                    G[i, u] = g[u]
-                    Gt[u, i] = g[u]
-                    dbl[u] += g[u]
-            # dw (K, U) = patch.T @ G, straight into dw in w's (dy, dx, c) row order.
-            _gemm(_T, _N, K, U, n, sf[y0 * L:], Hu * L, G.reshape(-1), U, False,
-                  dw[oy, ox].reshape(-1), U)
-            # dpatch.T (K, n) = w @ G.T, accumulated into the strip gradient.
-            _gemm(_N, _N, K, n, U, w[oy, ox].reshape(-1), U, Gt.reshape(-1), n, True,
-                  dsf[y0 * L * n:], n)
-        for y in range(Hu):
-            _add(dsf[y * L * n:(y + 1) * L * n], dxtf[(y * WC + c0) * n:(y * WC + c0 + L) * n])
-    _transpose(dx.reshape(n, H * WC), dxt, False)
+                    g[i, u] = gt[u, i] = gi[u]
+                    dbl[u] += gi[u]
+            wl = _weights_at(w, oy, ox, pad)
+            dwl = dw[oy, ox] if U % 4 == 0 else dpad
+            _lc_grads_at(strip, dstrip, oy * stride * L, K, wl, g, gt, dwl)
+            if U % 4:
+                dw[oy, ox] = dpad[:U]
+        _strip_rows(dx3, c0, L, Hu, dstrip, True)

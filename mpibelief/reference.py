@@ -51,13 +51,13 @@ def tanh_backward(y, dy, dz):
 
 
 def relu_forward(z, out):
-    """``out = z where z > 0 else 0``."""
-    out[...] = np.where(z > 0, z, 0)
+    """``out = 0 where z <= 0 else z``: NaN stays NaN (``z > 0`` would zero it)."""
+    out[...] = np.where(z <= 0, 0, z)
 
 
 def relu_backward(y, dy, dz):
-    """``dz = dy where y > 0 else 0``."""
-    dz[...] = np.where(y > 0, dy, 0)
+    """``dz = 0 where y <= 0 else dy`` (a NaN ``y`` passes ``dy``, as PyTorch)."""
+    dz[...] = np.where(y <= 0, 0, dy)
 
 
 def softmax_xent(logits, labels, probs, dlogits):
@@ -91,17 +91,17 @@ def _patches(x, rf, stride):
 
 def lc_forward(x, w, b, rf, stride, out):
     """Locally connected layer: one matmul per output location (batched by np.matmul)."""
-    y = np.matmul(_patches(x, rf, stride), w)  # (OH, OW, n, U)
+    y = np.matmul(_patches(x, rf, stride), w.transpose(0, 1, 3, 2))  # (OH, OW, n, U)
     out[...] = y.transpose(2, 0, 1, 3) + b
 
 
 def lc_backward(x, w, dy, rf, stride, dx, dw, db):
     """Gradients of :func:`lc_forward`; patch gradients are added back per location."""
     g = dy.transpose(1, 2, 0, 3)  # (OH, OW, n, U)
-    np.matmul(_patches(x, rf, stride).transpose(0, 1, 3, 2), g, out=dw)
+    np.matmul(g.transpose(0, 1, 3, 2), _patches(x, rf, stride), out=dw)  # (OH, OW, U, K)
     dy.sum(axis=0, out=db)
     oh, ow = w.shape[:2]
-    dpatch = np.matmul(g, w.transpose(0, 1, 3, 2))  # (OH, OW, n, K)
+    dpatch = np.matmul(g, w)  # (OH, OW, n, K)
     dpatch = dpatch.reshape(oh, ow, x.shape[0], rf, rf, x.shape[3])
     dx[...] = 0
     for oy in range(oh):

@@ -109,7 +109,7 @@ def lc_case(n, h, w, c, rf, stride, u):
     oh, ow = kernels.lc_output_shape(h, w, rf, stride)
 
     def make(rng):
-        return {"x": _normal(rng, n, h, w, c), "w": _normal(rng, oh, ow, rf * rf * c, u,
+        return {"x": _normal(rng, n, h, w, c), "w": _normal(rng, oh, ow, u, rf * rf * c,
                                                             scale=0.3),
                 "b": _normal(rng, oh, ow, u)}
 
@@ -218,9 +218,9 @@ def test_softmax_xent_is_stable_for_huge_logits():
 
 
 def test_lc_rejects_mismatched_shapes():
-    x, w, b = np.zeros((2, 6, 6, 1), F32), np.zeros((2, 2, 9, 3), F32), np.zeros((2, 2, 3), F32)
+    x, w, b = np.zeros((2, 6, 6, 1), F32), np.zeros((2, 2, 3, 9), F32), np.zeros((2, 2, 3), F32)
     out = np.zeros((2, 2, 2, 3), F32)
-    kernels.lc_forward(x, w, b, 3, 2, out)  # rf=3, stride=2: (2, 2, 9, U) is right ...
+    kernels.lc_forward(x, w, b, 3, 2, out)  # rf=3, stride=2: (2, 2, U, 9) is right ...
     with pytest.raises(ValueError):  # ... but not for stride 1
         kernels.lc_forward(x, w, b, 3, 1, out)
     with pytest.raises(ValueError):
@@ -234,7 +234,7 @@ def test_parameters_as_views_of_one_flat_vector():
     rng = np.random.default_rng(2)
     x, g = _normal(rng, 3, 7, 6, 2), _normal(rng, 3, 3, 2, 4)
     flat = np.zeros(1 + 3 * 2 * 18 * 4 + 3 * 2 * 4, F32)
-    w = flat[1:1 + 432].reshape(3, 2, 18, 4)  # 4-byte but not 8-byte aligned
+    w = flat[1:1 + 432].reshape(3, 2, 4, 18)  # 4-byte but not 8-byte aligned
     b = flat[433:].reshape(3, 2, 4)
     w[...], b[...] = _normal(rng, *w.shape), _normal(rng, *b.shape)
     out_k, out_r = np.empty_like(g), np.empty_like(g)
@@ -250,3 +250,57 @@ def test_parameters_as_views_of_one_flat_vector():
     for mine, theirs in zip((dx, dw, db), ref, strict=True):
         np.testing.assert_allclose(mine, theirs, rtol=1e-4, atol=1e-4)
     assert grads[0] == 0.0  # nothing written outside the views
+
+
+@pytest.mark.parametrize("mod", [kernels, reference], ids=["kernel", "numpy"])
+def test_activations_keep_nan_and_inf_like_pytorch(mod):
+    """Values from torch.relu/sigmoid/tanh and threshold_backward: NaN must stay NaN."""
+    z = np.array([[np.nan, np.inf, -np.inf, 2.0, -2.0, 0.0]], F32)
+    s2, t2 = 1 / (1 + np.exp(-2.0)), np.tanh(2.0)
+    want = {"relu": [np.nan, np.inf, 0, 2, 0, 0],
+            "sigmoid": [np.nan, 1, 0, s2, 1 - s2, 0.5],
+            "tanh": [np.nan, 1, -1, t2, -t2, 0]}
+    for kind, expected in want.items():
+        y = np.empty_like(z)
+        getattr(mod, f"{kind}_forward")(z, y)
+        np.testing.assert_allclose(y[0], expected, rtol=1e-6, err_msg=kind)
+    y, dz = np.empty_like(z), np.empty_like(z)
+    mod.relu_forward(z, y)
+    mod.relu_backward(y, np.ones_like(z), dz)
+    np.testing.assert_array_equal(dz[0], [1, 1, 0, 1, 0, 0])
+
+
+@pytest.mark.parametrize("mod", [kernels, reference], ids=["kernel", "numpy"])
+@pytest.mark.parametrize("kind", ["sigmoid", "tanh", "relu"])
+def test_one_nan_weight_makes_loss_and_gradients_nonfinite(mod, kind):
+    """Divergence must show: a finite loss from a NaN weight hides it from every check."""
+    rng = np.random.default_rng(3)
+    x, labels = _normal(rng, 4, 5), np.array([0, 1, 2, 0])
+    w1, b1 = _normal(rng, 5, 6), _normal(rng, 6)
+    w2, b2 = _normal(rng, 6, 3), _normal(rng, 3)
+    w1[2, 4] = np.nan
+    z, h, logits = np.empty((4, 6), F32), np.empty((4, 6), F32), np.empty((4, 3), F32)
+    mod.dense_forward(x, w1, b1, z)
+    getattr(mod, f"{kind}_forward")(z, h)
+    mod.dense_forward(h, w2, b2, logits)
+    probs, dlogits = np.empty_like(logits), np.empty_like(logits)
+    loss, _ = mod.softmax_xent(logits, labels, probs, dlogits)
+    assert np.isnan(loss)
+    dh, dw2, db2 = np.empty_like(h), np.empty_like(w2), np.empty_like(b2)
+    mod.dense_backward(h, w2, dlogits, dh, dw2, db2)
+    dz, dw1, db1 = np.empty_like(z), np.empty_like(w1), np.empty_like(b1)
+    getattr(mod, f"{kind}_backward")(h, dh, dz)
+    mod.dense_backward_params(x, dz, dw1, db1)
+    assert not np.all(np.isfinite(dw1)) and not np.all(np.isfinite(dw2))
+
+
+def test_softmax_xent_counts_a_nan_row_like_argmax():
+    logits = np.array([[0.0, np.nan, 5.0], [1.0, 0.0, 0.0]], F32)
+    for labels in (np.array([1, 0]), np.array([2, 0])):
+        results = []
+        for mod in (kernels, reference):
+            probs, dlogits = np.empty_like(logits), np.empty_like(logits)
+            loss, correct = mod.softmax_xent(logits, labels, probs, dlogits)
+            assert np.isnan(loss) and np.all(np.isnan(probs[0])) and np.isfinite(probs[1]).all()
+            results.append(correct)
+        assert results[0] == results[1]
