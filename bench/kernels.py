@@ -47,11 +47,9 @@ for _var in THREAD_VARS:  # before numpy / numba are imported anywhere
     os.environ[_var] = "1"
 
 import argparse  # noqa: E402
-import datetime  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
-import socket  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -62,6 +60,7 @@ import numpy as np  # noqa: E402
 import scipy  # noqa: E402  (numba's BLAS is scipy's)
 
 from mpibelief import kernels, reference  # noqa: E402
+from mpibelief.results import stamp  # noqa: E402
 
 SPEECH = (440, 2560, 2560, 2560, 2560, 8192)
 FULL = {"layers": SPEECH, "batch": 128, "lc": {"lc": (32, 32, 32, 3, 10, 2, 8)},
@@ -356,14 +355,11 @@ RESULT_ATTRS = ("gflops_kernel", "gflops_numpy", "gflops_sgemm", "gflops_sgemm_s
 def write_h5(path, results, args):
     path.parent.mkdir(parents=True, exist_ok=True)
     with h5py.File(path, "w") as f:
-        f.attrs.update({
-            "numpy_version": np.__version__, "numba_version": numba.__version__,
-            "h5py_version": h5py.__version__, "scipy_version": scipy.__version__,
-            "python_version": platform.python_version(), "cpu": _cpu_model(),
-            "host": socket.gethostname(), "platform": platform.platform(),
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        stamp(f, {  # the run files' provenance, plus what shapes kernel speed
+            "version_scipy": scipy.__version__, "python_version": platform.python_version(),
+            "cpu": _cpu_model(), "platform": platform.platform(),
             "threads": json.dumps({v: os.environ[v] for v in THREAD_VARS}),
-            "argv": json.dumps(sys.argv), "quick": bool(args.quick),
+            "command": " ".join(sys.argv), "quick": bool(args.quick),
             "repeats": args.repeats, "square": args.square})
         group = f.require_group("bench/kernels")
         group.attrs["flop_model"] = "FLOP model " + __doc__.split("FLOP model ")[1].split(
