@@ -32,6 +32,8 @@ class Tag(IntEnum):
     START = 19  # the coordinator releases the replicas once the shards hold the model
     COMMAND = 23  # a command for a shard's serve loop (see mpibelief.ps.shard)
     REPLY = 24  # a shard's answer to a command
+    WORK = 25  # a Sandblaster replica to the coordinator: ready, done, pushed
+    TASK = 26  # the coordinator to a Sandblaster replica: task, push, drop, stop
 
 
 class Backoff:
