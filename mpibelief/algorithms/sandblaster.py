@@ -43,20 +43,24 @@ from mpibelief.results import RankStats
 
 
 def check(cfg) -> None:
-    lay, sb = cfg.layout, cfg.sandblaster
-    if lay.shards < 1:
+    sb = cfg.sandblaster
+    if cfg.layout.shards < 1:
         raise ConfigError("run.algorithm = 'sandblaster' needs layout.shards >= 1")
-    if lay.replicas and sb.portions < lay.replicas:
-        raise ConfigError(f"sandblaster.portions = {sb.portions} is fewer than the"
-                          f" {lay.replicas} replicas: cut the batch finer")
     if sb.batch and sb.batch < sb.portions:
         raise ConfigError(f"sandblaster.batch = {sb.batch} cannot be cut into"
                           f" {sb.portions} portions")
 
 
 def server(ctx) -> ParameterServer:
-    """The server: the coordinator (which loads) and every replica partition are clients."""
+    """The server: the coordinator (which loads) and every replica partition are clients.
+
+    Every rank checks the replica count first (``layout.replicas = 0`` is only known
+    now), so a refusal is the same on all of them, before anything collective.
+    """
     lay = ctx.layout
+    if ctx.cfg.sandblaster.portions < lay.replicas:
+        raise ConfigError(f"sandblaster.portions = {ctx.cfg.sandblaster.portions} is fewer"
+                          f" than the {lay.replicas} replicas: cut the batch finer")
     param_layout = ctx.model.layout(lay.partitions)
     workers = lay.worker_ranks()
     ranges = [(0, ctx.model.n_params)]
