@@ -10,6 +10,7 @@ File layout (``mpibelief plot`` and the figure scripts read nothing else)::
         status           "running" while training, then "complete" or "failed: <why>"
         start_time       ISO 8601, UTC
         hosts            host names of the ranks, comma separated, with rank counts
+        replicas         model replicas (plots label curves method[replicas])
         slurm_job_id     "" outside Slurm
         git_commit       "" outside a git checkout
         version_mpibelief, version_numpy, version_numba, version_mpi4py, version_h5py,
@@ -31,6 +32,14 @@ File layout (``mpibelief plot`` and the figure scripts read nothing else)::
     /server/<name>       parameter-server runs only: shard_rank, applied, refused,
                          bytes_in, busy_fraction (applying / serving time), one per
                          shard; staleness (histogram: count of pushes by updates missed)
+    /sandblaster/<name>  Sandblaster runs only, one row per batch (L-BFGS step): loss_before,
+                         loss (mean over the batch, after the step), grad_norm, step
+                         (accepted line-search step), step_norm, evals (gradients over the
+                         batch), accepted, portions_issued, backups_issued, backups_wasted,
+                         samples_applied (counted by the shards: evals x batch), batch,
+                         seconds, bytes_in and bytes_out (the coordinator's training
+                         traffic: shard commands and replica messages, pickled sizes),
+                         done_by (batches x replicas: portions each replica's pushes held)
     /bench/<name>/...    benchmark results (each bench documents its own group); bench
                          files carry the same provenance attributes (:func:`stamp`)
 """

@@ -73,7 +73,7 @@ def run(cfg: Config, out: str | None = None) -> dict | None:
             "config": cfg.to_toml(), "algorithm": cfg.run.algorithm,
             "world_size": comm.size, "roles": lay.table(), "dataset": data.name,
             "n_classes": data.n_classes, "hosts": _host_list(hosts),
-            "n_params": model.n_params,
+            "n_params": model.n_params, "replicas": lay.replicas,
         })
     comms = Comms.split(comm, lay)
     ctx = RunContext(cfg, comms, lay, comm.rank, data, model, writer, WallClock())
