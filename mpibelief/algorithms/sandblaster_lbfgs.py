@@ -44,6 +44,7 @@ class BatchRecord:
     samples_applied: int = 0
     batch: int = 0
     seconds: float = 0.0
+    gradient_seconds: float = 0.0
     bytes_in: int = 0
     bytes_out: int = 0
     done_by: list[int] = field(default_factory=list)
@@ -76,7 +77,9 @@ class LBFGSDriver:
         space, rec = self.space, self.record
         space.reset_accumulator("grad")
         space.publish(at)  # waits: reset and publish are done before any push
+        tick = self.clock.now()
         book = self.dispatcher.evaluate(number, self.bounds)
+        rec.gradient_seconds += self.clock.now() - tick
         applied = self.samples_of(space.samples())
         if applied != self.batch or book.samples != self.batch:
             raise RuntimeError(f"batch {number}: the shards summed {applied} samples, the"
@@ -130,7 +133,8 @@ class LBFGSDriver:
             rec.step, rec.step_norm = found.alpha, found.alpha * math.sqrt(dd)
         else:
             hist.clear()
-            self.have_g = False  # "x" is unchanged; recompute g on the next batch
+            space.publish("x")  # the shards still show the last trial: take it back
+            self.have_g = False  # and recompute g on the next batch
         rec.loss = self.f
         if not self.whole:
             self.have_g = False
