@@ -38,8 +38,9 @@ File layout (``mpibelief plot`` and the figure scripts read nothing else)::
                          batch), accepted, portions_issued, backups_issued, backups_wasted,
                          samples_applied (counted by the shards: evals x batch), batch,
                          seconds, gradient_seconds (of which, handing out portions
-                         until their sums are in), bytes_in and bytes_out (the coordinator's training
-                         traffic: shard commands and replica messages, pickled sizes),
+                         until their sums are in), bytes_in and bytes_out (the
+                         coordinator's training traffic: shard commands and replica
+                         messages, pickled sizes),
                          done_by (batches x replicas: portions each replica's pushes held)
     /bench/<name>/...    benchmark results (each bench documents its own group); bench
                          files carry the same provenance attributes (:func:`stamp`)
