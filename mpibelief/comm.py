@@ -35,6 +35,8 @@ class Tag(IntEnum):
     REPLY = 24  # a shard's answer to a command
     NOTICE = 25  # on the WORLD communicator: a rank tells the coordinator it is failing
     # or received SIGTERM (see mpibelief.train); the coordinator listens in a thread
+    WORK = 26  # a Sandblaster replica to the coordinator: ready, done, pushed
+    TASK = 27  # the coordinator to a Sandblaster replica: task, push, drop, stop
 
 
 class Backoff:

@@ -131,6 +131,29 @@ class FaultsConfig:
 
 
 @dataclass(frozen=True)
+class SandblasterConfig:
+    """Sandblaster L-BFGS: batches, portions, backups, the line search, a straggler.
+
+    ``batch`` = 0 takes the whole training set as every batch (deterministic L-BFGS);
+    ``iterations`` is the number of batches (L-BFGS steps); ``slow_replica`` (-1: none)
+    runs ``slow_factor`` times slower, for experiments on backup tasks.
+    """
+
+    batch: int = 4096
+    portions: int = 16
+    push_every: int = 4
+    history: int = 10
+    iterations: int = 50
+    backups: bool = True
+    max_copies: int = 2
+    line_search_evals: int = 10
+    c1: float = 1e-4
+    c2: float = 0.9
+    slow_replica: int = -1
+    slow_factor: float = 1.0
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole experiment: one attribute per TOML table."""
 
@@ -142,6 +165,7 @@ class Config:
     downpour: DownpourConfig = field(default_factory=DownpourConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    sandblaster: SandblasterConfig = field(default_factory=SandblasterConfig)
 
     def to_toml(self) -> str:
         """The resolved config as TOML text, stored in every result file."""
@@ -247,6 +271,9 @@ def _check(config: Config, source: str) -> None:
         ("data", "states_per_digit"), ("data", "context"), ("data", "n_mels"),
         ("train", "batch"), ("downpour", "n_fetch"), ("downpour", "n_push"),
         ("checkpoint", "keep"),
+        ("sandblaster", "portions"), ("sandblaster", "push_every"),
+        ("sandblaster", "history"), ("sandblaster", "max_copies"),
+        ("sandblaster", "line_search_evals"), ("sandblaster", "slow_factor"),
     ]
     for table, key in positive:
         if getattr(getattr(config, table), key) < 1:
@@ -257,6 +284,8 @@ def _check(config: Config, source: str) -> None:
         ("downpour", "warmstart_steps"), ("run", "seed"), ("data", "seed"),
         ("checkpoint", "every"), ("faults", "replica_timeout"), ("faults", "stop_after"),
         ("faults", "kill_after"),
+        ("downpour", "warmstart_steps"), ("sandblaster", "batch"),
+        ("sandblaster", "iterations"),
     ]
     for table, key in non_negative:
         if getattr(getattr(config, table), key) < 0:
@@ -281,6 +310,9 @@ def _check(config: Config, source: str) -> None:
             f"{source}: layout.partitions = {config.layout.partitions}: model parallelism"
             " (one replica over several ranks) is not built yet; use 1"
         )
+    sb = config.sandblaster
+    if not 0 < sb.c1 < sb.c2 < 1:
+        raise ConfigError(f"{source}: sandblaster needs 0 < c1 < c2 < 1 (Wolfe conditions)")
     if config.data.context % 2 == 0:
         raise ConfigError(f"{source}: data.context must be odd (centre frame plus both sides)")
 

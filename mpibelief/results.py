@@ -14,6 +14,7 @@ File layout (``mpibelief plot`` and the figure scripts read nothing else)::
                          replaced); resumed_from, resume_params_sha256 after --resume
         start_time       ISO 8601, UTC
         hosts            host names of the ranks, comma separated, with rank counts
+        replicas         model replicas (plots label curves method[replicas])
         slurm_job_id     "" outside Slurm (so are the other slurm_* attributes)
         slurm_array_job_id, slurm_array_task_id   the job array and this run's index in
                          it ("" for a job that is not part of an array)
@@ -42,6 +43,16 @@ File layout (``mpibelief plot`` and the figure scripts read nothing else)::
                          bytes_in, busy_fraction (applying / serving time), one per
                          shard; staleness (histogram: count of pushes by updates missed)
     /failures/<name>     replicas given up on: rank, seconds (run time), reason
+    /sandblaster/<name>  Sandblaster runs only, one row per batch (L-BFGS step): loss_before,
+                         loss (mean over the batch, after the step), grad_norm, step
+                         (accepted line-search step), step_norm, evals (gradients over the
+                         batch), accepted, portions_issued, backups_issued, backups_wasted,
+                         samples_applied (counted by the shards: evals x batch), batch,
+                         seconds, gradient_seconds (of which, handing out portions
+                         until their sums are in), bytes_in and bytes_out (the
+                         coordinator's training traffic: shard commands and replica
+                         messages, pickled sizes),
+                         done_by (batches x replicas: portions each replica's pushes held)
     /bench/<name>/...    benchmark results (each bench documents its own group); bench
                          files carry the same provenance attributes (:func:`stamp`)
 """

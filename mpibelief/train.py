@@ -152,7 +152,7 @@ def _open_results(cfg, comm, lay, data, model, path, hosts, overwrite, state):
     attrs = {"config": cfg.to_toml(), "algorithm": cfg.run.algorithm,
              "world_size": comm.size, "roles": lay.table(), "dataset": data.name,
              "n_classes": data.n_classes, "hosts": _host_list([h for h, _ in hosts]),
-             "n_params": model.n_params}
+             "n_params": model.n_params, "replicas": lay.replicas}
     if state is not None:
         writer = ResultWriter.reopen(path, state["metrics_rows"], attrs)
     else:

@@ -12,8 +12,16 @@ from mpibelief.results import read_metrics
 
 
 def _label(path: Path, attrs: dict) -> str:
+    """``name: method[replicas]``, as the paper labels its curves (e.g. sandblaster[2])."""
     algo = attrs.get("algorithm", "?")
-    return f"{path.stem} ({algo}, {attrs.get('world_size', '?')} ranks)"
+    replicas = attrs.get("replicas", _replicas_from_roles(attrs.get("roles", "")))
+    return f"{path.stem}: {algo}[{replicas}], {attrs.get('world_size', '?')} ranks"
+
+
+def _replicas_from_roles(roles: str) -> str:
+    """Replica count of files written before the ``replicas`` attribute existed."""
+    count = sum("partition 0" in line for line in str(roles).splitlines())
+    return str(count) if count else "?"
 
 
 def time_unit(seconds: float) -> tuple[float, str]:

@@ -26,13 +26,14 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 from mpi4py import MPI
 
 from mpibelief import checkpoint
 from mpibelief.clock import WallClock
 from mpibelief.comm import Backoff, Tag, poll
 from mpibelief.errors import UserError
-from mpibelief.ps.state import GRADIENT, ShardState, ShardStats
+from mpibelief.ps.state import GRADIENT, LOAD, ShardState, ShardStats
 from mpibelief.ps.window import InboxWindow, ParamWindow, decode_slot
 
 
@@ -172,6 +173,22 @@ class ShardServer:
                 p.fetch_and_op(samples, self.rank, p.samples_offset(client))
         self.inbox.sync()  # our loads of the slot finish before the client may reuse it
         self.inbox.write_word(0, self.rank, self.inbox.word_offset(client, slot))
+
+    def publish(self, values: np.ndarray) -> int:
+        """Make ``values`` (the whole slice) the next version; returns that version.
+
+        The path a ``LOAD`` push takes, for a command that computed the values on the
+        shard (Sandblaster's trial parameters): written into the buffer nobody reads,
+        then announced with one atomic word, so a pull sees the old or the new version,
+        never a mix.
+        """
+        state, p = self.state, self.params
+        self.wait_unread((state.version + 1) % p.buffers)
+        p.sync()
+        state.consume(LOAD, values)
+        p.sync()  # the new buffer is complete before anyone can see it published
+        p.write_word(state.version, self.rank, ParamWindow.CURRENT)
+        return state.version
 
     def wait_unread(self, buffer: int) -> None:
         """Wait until no pull is reading ``buffer`` (pulls pinned it while it was current).

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mpibelief.optim import Optimizer
+from mpibelief.optim import Optimizer, all_finite
 
 # What a push is (the inbox slot's kind): a gradient to apply, a gradient the client
 # found non-finite (no data: refused), or values to load as the next version.
@@ -102,6 +102,21 @@ class ShardState:
         self.optimizer, self.opt_state = optimizer, optimizer.state(n)
         self.stats = ShardStats(shard=shard, rank=rank, n_params=n)
         self.samples = np.zeros(clients, np.int64)
+        # Named vectors beside the parameters (Sandblaster's gradient sum, direction,
+        # history; see mpibelief.ps.vectors).  With ``accumulate`` set to a name,
+        # gradient pushes are summed into that vector instead of applied: no new
+        # version, and ``accum_samples`` counts what each client's pushes cover.
+        self.vectors: dict[str, np.ndarray] = {}
+        self.accumulate: str | None = None
+        self.accum_samples = np.zeros(clients, np.int64)
+
+    def vector(self, name: str) -> np.ndarray:
+        """The named vector (zeros when new); ``params`` is the current version, read only."""
+        if name == "params":
+            return self.current
+        if name not in self.vectors:
+            self.vectors[name] = np.zeros(self.current.size, np.float32)
+        return self.vectors[name]
 
     @property
     def version(self) -> int:
@@ -131,6 +146,8 @@ class ShardState:
             stats.refused += 1
             return False
         stats.bytes_in += data.nbytes
+        if self.accumulate is not None:
+            return self._accumulate(data, lo, client, samples)
         if not self._write(data, lo, self.optimizer):
             stats.refused += 1
             return False
@@ -165,6 +182,17 @@ class ShardState:
         st.bytes_in = int(counters["bytes_in"])
         st.staleness = np.array(counters["staleness"], np.int64)
         self.samples[:] = counters["samples"]
+
+    def _accumulate(self, data: np.ndarray, lo: int, client: int, samples: int) -> bool:
+        """Sum a gradient push into the accumulator (refused whole if not finite)."""
+        if not all_finite(data):
+            self.stats.refused += 1
+            return False
+        self.vector(self.accumulate)[lo:lo + data.size] += data
+        self.stats.applied += 1
+        self.samples[client] += samples
+        self.accum_samples[client] += samples
+        return False  # nothing to publish: the parameters did not change
 
     def _write(self, data: np.ndarray, lo: int, rule: Optimizer | None) -> bool:
         """Write the next version: ``data`` applied (or copied) on its range, the rest kept."""

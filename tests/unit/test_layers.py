@@ -20,6 +20,7 @@ LAYERS = {  # module prefix -> layer; the longest matching prefix wins
     "mpibelief.ps": 1,
     "mpibelief.worker": 2,  # roles
     "mpibelief.coordinator": 2,
+    "mpibelief.portion_worker": 2,
     "mpibelief.algorithms": 3,
     "mpibelief.train": 4,  # entry points and what only they use
     "mpibelief.__main__": 4,

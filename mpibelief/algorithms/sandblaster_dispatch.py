@@ -1,0 +1,123 @@
+"""The Sandblaster coordinator's message loop: handing out portions over MPI.
+
+Carries the decisions of :class:`~mpibelief.portions.PortionBook` to the replicas
+(:mod:`mpibelief.portion_worker`) as two-sided control messages, strictly request and
+reply: a replica sends one message (:attr:`Tag.WORK`) and waits for one answer
+(:attr:`Tag.TASK`).  A replica asking when there is nothing to give is simply not
+answered yet; it is *waiting*, and the next evaluation (or a portion reopened by a
+dropped sum) answers it.  Messages of an evaluation already finished (a backup copy
+that lost, still computing when the batch ended) are answered ``drop``.
+
+Every message is counted, pickled as mpi4py sends it, into :attr:`Dispatcher.bytes_in`
+and :attr:`Dispatcher.bytes_out`: the coordinator's traffic for the gradients is a few
+small tuples per portion, whatever the model's size.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+from mpi4py import MPI
+
+from mpibelief.comm import Backoff, Tag
+from mpibelief.portions import DROP, PUSH, PortionBook
+
+
+class Dispatcher:
+    """Hands portions to the replicas' ranks ``ranks`` (one per replica) over ``comm``.
+
+    Args:
+        push_every, backups, max_copies: passed to each evaluation's
+            :class:`PortionBook`.
+    """
+
+    def __init__(self, comm: MPI.Intracomm, ranks: list[int], push_every: int,
+                 backups: bool, max_copies: int = 2):
+        self.comm, self.ranks = comm, list(ranks)
+        self.index = {rank: i for i, rank in enumerate(ranks)}
+        self.push_every, self.backups, self.max_copies = push_every, backups, max_copies
+        self.waiting: set[int] = set()  # replicas whose last message is unanswered
+        self.book: PortionBook | None = None
+        self.evaluation = -1
+        self.task: tuple = ()  # (batch number, portion bounds) of the evaluation
+        self.bytes_in = self.bytes_out = 0
+        self.late = 0  # answers to finished evaluations (lost copies still running)
+
+    def evaluate(self, number: int, bounds: list[tuple[int, int]]) -> PortionBook:
+        """Have the replicas sum the gradient of batch ``number`` (cut at ``bounds``)
+        into the shards' accumulator; returns when every portion is pushed and summed.
+        """
+        self.evaluation += 1
+        self.task = (number, bounds)
+        book = self.book = PortionBook([hi - lo for lo, hi in bounds], len(self.ranks),
+                                       self.push_every, self.backups, self.max_copies)
+        self._wake()
+        backoff = Backoff(low=20e-6, high=5e-4)
+        while not book.complete:
+            if not self._serve_one():
+                backoff.sleep()
+            else:
+                backoff.reset()
+        book.stats.wasted += book.wasted_in_flight()
+        self.book = None
+        return book
+
+    def stop(self) -> None:
+        """Answer every replica ``stop`` once all are waiting (late copies drain first)."""
+        backoff = Backoff(low=20e-6, high=2e-3)
+        while len(self.waiting) < len(self.ranks):
+            if not self._serve_one():
+                backoff.sleep()
+        for r in sorted(self.waiting):
+            self._send(r, ("stop",))
+        self.waiting.clear()
+
+    def _serve_one(self) -> bool:
+        status = MPI.Status()
+        if not self.comm.Iprobe(MPI.ANY_SOURCE, Tag.WORK, status):
+            return False
+        rank = status.Get_source()
+        message = self.comm.recv(source=rank, tag=Tag.WORK)
+        self.bytes_in += len(pickle.dumps(message, -1))
+        self._handle(self.index[rank], message)
+        return True
+
+    def _handle(self, r: int, message: tuple) -> None:
+        kind, *args = message
+        book = self.book
+        if kind == "ready":
+            self._give(r)
+        elif kind == "pushed":
+            book.pushed(r)  # a push is always of the current evaluation
+            self._give(r)
+        elif book is None or args[0] != self.evaluation:  # "done", too late
+            self.late += 1
+            self._send(r, ("drop",))
+        else:
+            _, portion, loss = args
+            decision = book.finished(r, portion, loss)
+            if decision == PUSH:
+                self._send(r, ("push", self.evaluation))
+            elif decision == DROP:
+                self._send(r, ("drop",))
+                self._wake()  # its other portions are open again: idle replicas may take them
+            else:
+                self._give(r)
+
+    def _give(self, r: int) -> None:
+        """Answer replica ``r`` with a portion, or leave it waiting."""
+        portion = None if self.book is None else self.book.next_task(r)
+        if portion is None:
+            self.waiting.add(r)
+            return
+        self.waiting.discard(r)
+        number, bounds = self.task
+        self._send(r, ("task", self.evaluation, number, portion, *bounds[portion]))
+
+    def _wake(self) -> None:
+        for r in sorted(self.waiting):
+            self._give(r)
+
+    def _send(self, r: int, message: tuple) -> None:
+        self.bytes_out += len(pickle.dumps(message, -1))
+        self.comm.send(message, dest=self.ranks[r], tag=Tag.TASK)

@@ -1,0 +1,138 @@
+"""Role: a Sandblaster replica, computing the portions of a batch the coordinator hands it.
+
+It serves the coordinator's requests one at a time, two-sided on the control
+communicator (:attr:`~mpibelief.comm.Tag.TASK` in, :attr:`~mpibelief.comm.Tag.WORK`
+out; the protocol and why it counts every portion exactly once are drawn in
+:mod:`mpibelief.portions`):
+
+- ``task``: compute the gradient of one portion of a batch; the first portion of an
+  evaluation first pulls the parameters (once per evaluation: the coordinator
+  publishes new ones between evaluations); the gradient, times the portion's size,
+  is added to this replica's running sum; answers ``done`` with the loss sum;
+- ``push``: push the sum to the shards (they add it into their accumulator), wait
+  until they have, answer ``pushed``;
+- ``drop``: a copy of one of the portions in the sum lost the race: zero the sum,
+  answer ``ready``;
+- ``stop``: return the statistics.
+
+Straggler injection for experiments: with ``slow`` > 1 the replica sleeps
+``(slow - 1)`` times what each portion's compute took, through its clock, so it runs
+``slow`` times slower without stealing a core from anyone.
+
+Model parallelism (``P`` > 1), not built yet: each partition of a replica is a
+parameter-server client over its own range (as in Downpour) and pulls and pushes only
+that range; partition 0 would talk to the coordinator and pass each message on to its
+partitions over ``comms.replica``.  The shards already count samples per client,
+so the coordinator can take a replica's count as the least over its partitions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mpibelief.comm import Tag, quiet_recv
+from mpibelief.portions import batch_rows
+from mpibelief.worker import WorkerStats
+
+
+class PortionWorker:
+    """One replica (one partition) computing portions for the coordinator.
+
+    Args:
+        rank: its rank (for the report).
+        model: the model; ``params[lo:hi]`` are pulled, ``grads[lo:hi]`` summed.
+        store: the parameter client over ``[lo, hi)``.
+        data: the whole dataset (a batch draws from all of it).
+        batch, seed: what :func:`~mpibelief.portions.batch_rows` needs.
+        clock: the run's clock.
+        slow: straggler factor (1 = full speed).
+    """
+
+    def __init__(self, rank: int, model, store, data, batch: int, seed: int, clock,
+                 slow: float = 1.0, lo: int = 0, hi: int | None = None):
+        self.model, self.store, self.data, self.clock = model, store, data, clock
+        self.batch, self.seed, self.slow = batch, seed, slow
+        hi = model.n_params if hi is None else hi
+        self.params, self.grads = model.params[lo:hi], model.grads[lo:hi]
+        self.sum = np.zeros_like(self.grads)
+        self.summed = 0  # samples in self.sum
+        self.evaluation = -1  # whose parameters self.params holds
+        self.rows_of: tuple[int, np.ndarray] = (-1, np.empty(0, np.int64))
+        self.stats = WorkerStats(rank)
+
+    def rows(self, number: int) -> np.ndarray:
+        if self.rows_of[0] != number:
+            n_train = len(self.data.y_train)
+            self.rows_of = (number, batch_rows(n_train, self.batch, self.seed, number))
+        return self.rows_of[1]
+
+    def compute(self, evaluation: int, number: int, lo: int, hi: int) -> float:
+        """Add portion ``[lo, hi)`` of batch ``number``'s gradient to the sum; its loss sum."""
+        if evaluation != self.evaluation:
+            if self.summed:
+                raise RuntimeError("a new evaluation began with an unpushed sum")
+            tick = self.clock.now()
+            self.store.pull(self.params)
+            self.stats.comm_seconds += self.clock.now() - tick
+            self.evaluation = evaluation
+        idx = self.rows(number)[lo:hi]
+        tick = self.clock.now()
+        loss, _ = self.model.loss_and_grad(self.data.x_train[idx], self.data.y_train[idx])
+        n = hi - lo
+        self.sum += np.float32(n) * self.grads
+        spent = self.clock.now() - tick
+        self.stats.compute_seconds += spent
+        if self.slow > 1:
+            self.clock.sleep((self.slow - 1) * spent)
+        self.summed += n
+        self.stats.steps += 1
+        self.stats.samples += n
+        if not np.isfinite(loss):
+            self.stats.nonfinite += 1
+        return float(loss) * n
+
+    def push(self) -> None:
+        """Push the sum (the shards add it to their accumulator) and wait until they did."""
+        tick = self.clock.now()
+        self.store.push(self.sum, None, samples=self.summed)
+        self.store.wait_applied()
+        self.stats.comm_seconds += self.clock.now() - tick
+        self.stats.pushes += 1
+        self.drop()
+
+    def drop(self) -> None:
+        self.sum[...] = 0.0
+        self.summed = 0
+
+    def warm(self) -> None:
+        """Compile the kernels (or load numba's cache) before the first timed portion."""
+        keep = self.model.params.copy()
+        self.model.loss_and_grad(self.data.x_train[:2], self.data.y_train[:2])
+        self.model.params[...] = keep
+
+    def serve(self, comm, coordinator: int) -> WorkerStats:
+        """Answer the coordinator until it says stop; returns the statistics."""
+        self.warm()
+        start = self.clock.now()
+        comm.send(("ready",), dest=coordinator, tag=Tag.WORK)
+        while True:
+            tick = self.clock.now()
+            kind, *args = quiet_recv(comm, source=coordinator, tag=Tag.TASK, max_sleep=5e-4)
+            self.stats.wait_seconds += self.clock.now() - tick
+            if kind == "stop":
+                break
+            if kind == "task":
+                evaluation, number, portion, lo, hi = args
+                loss = self.compute(evaluation, number, lo, hi)
+                answer = ("done", evaluation, portion, loss)
+            elif kind == "push":
+                self.push()
+                answer = ("pushed", args[0])
+            else:  # "drop"
+                self.drop()
+                answer = ("ready",)
+            comm.send(answer, dest=coordinator, tag=Tag.WORK)
+        cs = self.store.stats
+        self.stats.bytes_pushed, self.stats.bytes_pulled = cs.bytes_pushed, cs.bytes_pulled
+        self.stats.train_seconds = self.clock.now() - start
+        return self.stats
