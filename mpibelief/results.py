@@ -4,7 +4,9 @@ File layout (``mpibelief plot`` and the figure scripts read nothing else)::
 
     /                    attributes
         config           the resolved config as TOML text
-        algorithm        e.g. "sgd", "downpour"
+        algorithm        e.g. "sgd", "downpour", "sync"
+        method           where the algorithm sets it: a label for plots, e.g.
+                         "sync[2]", "sync[2]+strom(1%)"
         world_size       number of MPI ranks
         roles            the rank/role table, one line per rank
         status           "running" while training, then "complete" or "failed: <why>"
@@ -31,6 +33,18 @@ File layout (``mpibelief plot`` and the figure scripts read nothing else)::
     /server/<name>       parameter-server runs only: shard_rank, applied, refused,
                          bytes_in, busy_fraction (applying / serving time), one per
                          shard; staleness (histogram: count of pushes by updates missed)
+    /compression/<name>  compressed runs only (``compression.enabled``): 1-D float64
+                         time series, chunked and resizable, one row per compressed
+                         step (sync) or push (Downpour) of each replica rank, written in
+                         chunks of rows (:class:`Series`):
+        rank, step       who sent it, and its step (1-based) on that rank
+        epoch            the epoch the warm-up schedule saw
+        tau              the threshold used
+        fraction         entries sent / entries in the gradient
+        bytes_dense      4 * entries: the float32 gradient
+        bytes_compressed 4 * entries sent + 8 (tau and the count)
+        ratio            bytes_dense / bytes_compressed
+        residual_norm    L2 norm of the rank's residual after the step
     /bench/<name>/...    benchmark results (each bench documents its own group); bench
                          files carry the same provenance attributes (:func:`stamp`)
 """
@@ -68,6 +82,9 @@ class RankStats:
     bytes_pushed: int = 0
     bytes_pulled: int = 0
 
+
+COMPRESSION = ("rank", "step", "epoch", "tau", "fraction", "bytes_dense",
+               "bytes_compressed", "ratio", "residual_norm")
 
 RANK_FIELDS = tuple(f.name for f in dataclasses.fields(RankStats))
 
@@ -120,6 +137,54 @@ def _git_commit() -> str:
         return ""
 
 
+class Series:
+    """Rows of named float64 columns under ``/group``, buffered and written in chunks.
+
+    One HDF5 resize per row costs more than a small training step (h5py and the HDF5
+    B-tree each time), so rows wait in a numpy buffer and go out ``chunk`` at a time,
+    one resize per column; :meth:`flush` (and the writer's ``close``) writes the rest.
+    """
+
+    def __init__(self, file, group: str, names: tuple[str, ...], chunk: int = 1024):
+        self.file, self.names = file, tuple(names)
+        grp = file.require_group(group)
+        self.data = [grp.require_dataset(name, shape=(0,), maxshape=(None,), dtype="f8",
+                                         chunks=(chunk,)) for name in self.names]
+        self.rows = np.empty((chunk, len(self.names)))
+        self.filled = 0
+
+    def append(self, row: dict) -> None:
+        """Add one row; missing names are NaN.  Written once ``chunk`` rows wait."""
+        self.rows[self.filled] = [row.get(name, np.nan) for name in self.names]
+        self.filled += 1
+        if self.filled == len(self.rows):
+            self.flush()
+
+    def extend(self, columns: dict) -> None:
+        """Add many rows at once (equal-length arrays by name; missing names are NaN)."""
+        self.flush()
+        length = len(next(iter(columns.values()))) if columns else 0
+        block = np.full((length, len(self.names)), np.nan)
+        for i, name in enumerate(self.names):
+            if name in columns:
+                block[:, i] = columns[name]
+        self._write(block)
+
+    def flush(self) -> None:
+        if self.filled:
+            self._write(self.rows[:self.filled])
+            self.filled = 0
+
+    def _write(self, block: np.ndarray) -> None:
+        if not len(block) or not self.file.id.valid:
+            return
+        for i, data in enumerate(self.data):
+            start = data.shape[0]
+            data.resize((start + len(block),))
+            data[start:] = block[:, i]
+        self.file.flush()
+
+
 class ResultWriter:
     """Creates a run's HDF5 file and appends to it as the run goes.
 
@@ -140,6 +205,18 @@ class ResultWriter:
         for name in METRICS:
             group.create_dataset(name, shape=(0,), maxshape=(None,), dtype="f8", chunks=(256,))
         self.file.flush()
+        self.series_open: list[Series] = []
+
+    def series(self, group: str, names: tuple[str, ...], chunk: int = 1024) -> Series:
+        """A buffered time series under ``/group`` (flushed by :meth:`close` at the latest)."""
+        found = Series(self.file, group, names, chunk)
+        self.series_open.append(found)
+        return found
+
+    def set_attrs(self, attrs: dict) -> None:
+        """Add root attributes (e.g. ``method``, known only once the algorithm runs)."""
+        for key, value in attrs.items():
+            self.file.attrs[key] = value
 
     def append_metrics(self, row: dict) -> None:
         """Append one sample; missing names are stored as NaN."""
@@ -165,6 +242,8 @@ class ResultWriter:
 
     def close(self, status: str = "complete") -> None:
         if self.file.id.valid:
+            for series in self.series_open:
+                series.flush()
             self.file.attrs["status"] = status
             self.file.close()
 

@@ -45,3 +45,19 @@ def test_reading_a_foreign_file_is_an_error(tmp_path):
         f["x"] = 1
     with pytest.raises(KeyError, match="no /metrics"):
         read_metrics(path)
+
+
+def test_series_buffers_rows_and_writes_them_in_chunks(tmp_path):
+    path = tmp_path / "run.h5"
+    with ResultWriter(path, {}) as w:
+        series = w.series("compression", ("step", "ratio"), chunk=4)
+        for step in range(6):
+            series.append({"step": step, "ratio": 100.0 + step})
+            written = len(w.file["compression/step"])
+            assert written == (4 if step >= 3 else 0), (step, written)  # one chunk at a time
+        series.extend({"step": np.array([10, 11])})  # the rest first, then these
+    with h5py.File(path) as f:
+        assert list(f["compression/step"][()]) == [0, 1, 2, 3, 4, 5, 10, 11]
+        ratio = f["compression/ratio"][()]
+        assert ratio[5] == 105.0 and np.isnan(ratio[6:]).all()
+        assert f["compression/step"].maxshape == (None,)
