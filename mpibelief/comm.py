@@ -100,10 +100,29 @@ def quiet_barrier(comm: MPI.Comm, max_sleep: float = 0.002) -> None:
     quiet_wait(comm.Ibarrier(), max_sleep)
 
 
+def try_recv(comm: MPI.Comm, source: int = MPI.ANY_SOURCE, tag: int = Tag.REPORT):
+    """``(True, message)`` if a pickled message is waiting, else ``(False, None)``.
+
+    A matched probe, then a receive of exactly its size: mpi4py's ``irecv`` posts a
+    32 KiB buffer and fails on longer messages (a report carrying a compression log).
+    """
+    message = comm.improbe(source=source, tag=tag)
+    return (False, None) if message is None else (True, message.recv())
+
+
 def quiet_recv(comm: MPI.Comm, source: int = MPI.ANY_SOURCE, tag: int = Tag.REPORT,
                max_sleep: float = 0.002):
-    """Receive one pickled control message without spinning."""
-    return quiet_wait(comm.irecv(source=source, tag=tag), max_sleep)
+    """Receive one pickled control message of any size without spinning."""
+    result = []
+
+    def arrived() -> bool:
+        done, message = try_recv(comm, source, tag)
+        if done:
+            result.append(message)
+        return done
+
+    poll(arrived, high=max_sleep)
+    return result[0]
 
 
 def quiet_send(comm: MPI.Comm, obj, dests, tag: int) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from mpibelief.comm import Tag, quiet_recv
+from mpibelief.comm import Tag, quiet_recv, try_recv
 from mpibelief.errors import UserError
 from mpibelief.progress import Progress
 
@@ -79,15 +79,15 @@ class Coordinator:
         The final sample is the caller's (:meth:`finish`), once every update is applied.
         """
         comm = self.ctx.comms.control
-        pending = {r: comm.irecv(source=r, tag=Tag.REPORT) for r in workers}
+        pending = set(workers)
         reports: dict = {}
         next_eval = 0.0
         while pending:
-            for rank, request in list(pending.items()):
-                done, message = request.test()
+            for rank in sorted(pending):
+                done, message = try_recv(comm, rank, Tag.REPORT)  # any size
                 if done:
                     reports[rank] = message
-                    del pending[rank]
+                    pending.discard(rank)
             now = self.clock.now() - self.start
             if now >= next_eval:
                 self.sample()

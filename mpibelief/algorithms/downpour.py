@@ -10,6 +10,10 @@ One entry point per role, all over one :class:`~mpibelief.ps.server.ParameterSer
   its own range of the parameters.  With ``downpour.warmstart_steps`` > 0, replica 0
   first trains alone for that many steps and then releases the others, which start
   from the shards' parameters.
+
+With ``compression.enabled`` every replica pushes Strom-compressed packets (its own
+residual, :class:`~mpibelief.compressor.Compressor`) and the shards decode and apply
+them; each push is logged in ``/compression``.
 """
 
 from __future__ import annotations
@@ -18,12 +22,13 @@ import numpy as np
 
 from mpibelief.algorithms import Algorithm, register
 from mpibelief.comm import Tag, quiet_recv, quiet_send
+from mpibelief.compressor import Compressor, label
 from mpibelief.coordinator import Coordinator
 from mpibelief.errors import ConfigError
 from mpibelief.layout import COORDINATOR, SHARD, WORKER
 from mpibelief.optim import Optimizer
 from mpibelief.ps.server import ParameterServer
-from mpibelief.results import RankStats
+from mpibelief.results import COMPRESSION, RankStats
 from mpibelief.worker import Replica
 
 
@@ -65,8 +70,13 @@ def replica(ctx) -> None:
     lo, hi = ctx.model.layout(lay.partitions).partition(role.partition)
     quiet_recv(comms.control, source=comms.coordinator, tag=Tag.START)
     data = ctx.data.shard(role.index, lay.replicas)
+    compressor = None
+    if cfg.compression.enabled:
+        Compressor.warm()
+        compressor = Compressor(hi - lo, cfg.compression, ctx.rank)
     worker = Replica(ctx.rank, ctx.model, ps.client(), data, cfg.train, cfg.downpour,
-                     seed=cfg.run.seed + 1 + role.index, clock=ctx.clock, lo=lo, hi=hi)
+                     seed=cfg.run.seed + 1 + role.index, clock=ctx.clock, lo=lo, hi=hi,
+                     compressor=compressor)
     deadline = ctx.clock.now() + (cfg.train.max_seconds or float("inf"))
     warm = cfg.downpour.warmstart_steps
     if warm and role.index == 0:  # then release the same partition of every other replica
@@ -95,7 +105,9 @@ def coordinate(ctx) -> dict:
     shard_size = len(ctx.data.y_train) // lay.replicas
     total = (lay.replicas * steps_per_replica(cfg, shard_size)
              + cfg.downpour.warmstart_steps) * cfg.train.batch
-    coord = Coordinator(ctx, snapshot, total, name=f"downpour[{lay.replicas}]")
+    name = method(cfg, lay.replicas)
+    ctx.writer.set_attrs({"method": name})
+    coord = Coordinator(ctx, snapshot, total, name=name)
     reports = coord.watch(workers)
     ps.stop()  # the shards apply every push made before they return
     shard_stats = coord.collect(lay.shard_ranks())
@@ -109,6 +121,14 @@ def coordinate(ctx) -> dict:
           f" {mean_staleness(shard_stats):.2f} updates", flush=True)
     ps.free()
     return {"train_seconds": row["wall_seconds"], **row}
+
+
+def method(cfg, replicas: int) -> str:
+    """The run's label for plots, e.g. ``downpour[2]+adagrad``."""
+    name = f"downpour[{replicas}]"
+    if cfg.compression.enabled:
+        name += "+" + label(cfg.compression)
+    return name + ("+adagrad" if cfg.train.optimizer == "adagrad" else "")
 
 
 def replica_samples(per_worker: np.ndarray, lay) -> int:
@@ -144,6 +164,11 @@ def _write_tables(writer, client, reports: dict, shard_stats: list, lay) -> None
              for s in shard_stats]
     rows += [w.rank_stats() for _, w in sorted(reports.items())]
     writer.write_ranks(rows)
+    logs = [w.compression for _, w in sorted(reports.items()) if w.compression is not None]
+    if logs:
+        series = writer.series("compression", COMPRESSION)
+        for log in logs:
+            series.extend(log)
     writer.write_table("server", {
         "shard_rank": lay.shard_ranks(),
         "applied": [s.applied for s in shard_stats],
