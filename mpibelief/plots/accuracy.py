@@ -13,8 +13,10 @@ from mpibelief.results import read_metrics
 
 
 def _label(path: Path, attrs: dict) -> str:
-    algo = attrs.get("algorithm", "?")
-    return f"{path.stem} ({algo}, {attrs.get('world_size', '?')} ranks)"
+    """``stem (method, N ranks)``: the method names replicas and compression where the
+    algorithm records it (``sync[2]+strom(1%)+adagrad``), else the algorithm."""
+    method = attrs.get("method") or attrs.get("algorithm", "?")
+    return f"{path.stem} ({method}, {attrs.get('world_size', '?')} ranks)"
 
 
 def time_unit(seconds: float) -> tuple[float, str]:
