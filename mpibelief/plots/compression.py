@@ -36,6 +36,12 @@ def _order(cases: dict) -> list[str]:
     return sorted(cases, key=lambda name: float(np.median(cases[name]["ratio"])))
 
 
+def _legend(name: str, kept: float) -> str:
+    if name == "dense":
+        return "dense (sync SGD)"
+    return f"keep {100 * kept:g}% (adaptive tau)" if kept else f"fixed {name}"
+
+
 def plot_compression(path: str, out: str | None = None) -> Path:
     """Draw the figure; returns the PNG's path (default: beside the file, .png)."""
     import matplotlib
@@ -52,7 +58,7 @@ def plot_compression(path: str, out: str | None = None) -> Path:
     medians = {}
     for i, name in enumerate(names):
         c = cases[name]
-        label = "dense (sync SGD)" if name == "dense" else name
+        label = _legend(name, c["kept"])
         for ax, key, scale in ((acc_ax, "accuracy", 100.0), (time_ax, "seconds_per_step", 1e3)):
             ax.plot(c["ratio"], scale * c[key], "o", color=f"C{i}", alpha=0.5, ms=4)
             ax.plot(np.median(c["ratio"]), scale * np.median(c[key]), "D", color=f"C{i}",
