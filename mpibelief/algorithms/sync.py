@@ -21,11 +21,13 @@ allgathers the packets and every replica decodes them in rank order, so the upda
 the replicas, stay bitwise identical.  Every step is logged in ``/compression``.
 
 No idle coordinator: rank 0 trains as replica 0 and also evaluates and writes the
-results.  Its decisions travel with each step in a two-word control Iallreduce
-(``[stop, evaluate]``, MAX), started beside the gradient exchange so its latency
-hides behind it: every replica stops at the same step (``train.max_seconds`` is rank
-0's training time), and while rank 0 evaluates every replica pauses its training clock
-and sleeps in a barrier, so ``wall_seconds`` is training time on every rank.
+results.  Its decisions travel with each step in a small control Iallreduce
+(``[stop, evaluate, diverged]``, MAX), started beside the gradient exchange so its
+latency hides behind it: every replica stops at the same step (``train.max_seconds``
+is rank 0's training time), and while rank 0 evaluates every replica pauses its
+training clock and sleeps in a barrier, so ``wall_seconds`` is training time on every
+rank.  A replica whose loss is not finite raises ``diverged`` there; every replica
+learns it in the same step, and rank 0 alone ends the run with one error line.
 
 Waiting: the collectives are non-blocking and completed with
 :func:`~mpibelief.comm.quiet_wait`, which sleeps between tests.  A blocking
@@ -55,7 +57,7 @@ from mpibelief.optim import Optimizer
 from mpibelief.progress import Progress
 from mpibelief.results import COMPRESSION, RankStats
 
-STOP, EVALUATE = 0, 1  # the control words
+STOP, EVALUATE, DIVERGED = 0, 1, 2  # the control words
 STEP_SLEEP = 2e-4  # longest sleep while a step's collective is under way (see above)
 
 
@@ -135,8 +137,8 @@ class Trainer:
         self.batches = batches(len(self.data.y_train), cfg.train.batch,
                                np.random.default_rng(seed))
         self.stats = RankStats(ctx.rank)
-        self.control = np.zeros(2, np.int32)
-        self.decided = np.zeros(2, np.int32)
+        self.control = np.zeros(3, np.int32)
+        self.decided = np.zeros(3, np.int32)
         self.recorder = Recorder(ctx, self) if ctx.role.coordinates else None
 
     def run(self) -> dict | None:
@@ -158,17 +160,21 @@ class Trainer:
         tick = clock.now()
         idx = next(self.batches)
         loss, _ = model.loss_and_grad(self.data.x_train[idx], self.data.y_train[idx])
-        if not np.isfinite(loss):
-            raise diverged(step, "the loss")
+        finite = bool(np.isfinite(loss))
+        if not finite:  # take part in this step's collectives all the same; then fail
+            model.grads[:] = 0.0
         computed = clock.now()
         self.decide(step, s.train_seconds + computed - tick)
+        self.control[DIVERGED] = not finite
         control = self.across.Iallreduce(self.control, self.decided, MPI.MAX)
         epoch = (step - 1) / self.steps_per_epoch
         update, row = self.exchange(model.grads, epoch)
         quiet_wait(control, STEP_SLEEP)
         exchanged = clock.now()
+        if self.decided[DIVERGED]:
+            self.fail(step, "the loss of a replica")
         if not self.opt.apply(model.params, update, self.opt_state):
-            raise diverged(step, "the averaged gradient")
+            self.fail(step, "the averaged gradient")  # the same on every replica
         done = clock.now()
         s.compute_seconds += (computed - tick) + (done - exchanged)
         s.comm_seconds += exchanged - computed
@@ -185,6 +191,14 @@ class Trainer:
             stop = step >= self.total_steps or 0 < limit <= elapsed
             self.control[STOP] = stop
             self.control[EVALUATE] = stop or elapsed >= self.recorder.next_eval
+
+    def fail(self, step: int, what: str) -> None:
+        """Rank 0 raises (one error line; the CLI ends the job); the others sleep
+        until it does, in a barrier rank 0 never enters."""
+        if self.recorder:
+            raise diverged(step, what)
+        quiet_barrier(self.ctx.comms.world)
+        raise RuntimeError("unreachable: rank 0 ends the job when training diverges")
 
     def pause(self, step: int) -> None:
         """Rank 0 evaluates; everybody's training clock stops meanwhile."""

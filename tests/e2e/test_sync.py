@@ -68,6 +68,17 @@ def test_sync_refuses_a_parameter_server(tmp_path):
     assert_one_line_error(result, "run.algorithm = 'sync' needs no parameter server")
 
 
+@pytest.mark.parametrize("config", ["configs/sync.toml", "configs/sync_strom.toml"])
+def test_diverging_sync_fails_with_one_line(tmp_path, config):
+    out = tmp_path / "x.h5"
+    result = cli("train", config, *SMALL, "--set", "train.optimizer='sgd'", "--set",
+                 "train.lr=1e30", "--out", out, np=2, mpi=True, timeout=60)
+    assert_one_line_error(result, "training diverged")
+    assert result.stderr.count("mpibelief: error:") == 1  # rank 0 speaks for every replica
+    with h5py.File(out) as f:
+        assert f.attrs["status"].startswith("failed: training diverged")
+
+
 @pytest.mark.usefixtures("fsdd_path")
 def test_compression_at_one_percent_matches_dense_sync_on_speech(tmp_path):
     """Acceptance: sending <= 1% of entries per step (>= 100x fewer bytes than dense
