@@ -53,7 +53,7 @@ from mpibelief.coordinator import Evaluator
 from mpibelief.data import batches
 from mpibelief.errors import ConfigError, UserError
 from mpibelief.layout import WORKER
-from mpibelief.optim import Optimizer
+from mpibelief.optim import Optimizer, all_finite
 from mpibelief.progress import Progress
 from mpibelief.results import COMPRESSION, RankStats
 
@@ -160,7 +160,10 @@ class Trainer:
         tick = clock.now()
         idx = next(self.batches)
         loss, _ = model.loss_and_grad(self.data.x_train[idx], self.data.y_train[idx])
-        finite = bool(np.isfinite(loss))
+        # The codec refuses a non-finite gradient (a finite loss can still overflow
+        # it); dense, the averaged update's own check below catches it.
+        compressing = self.exchange.log is not None
+        finite = bool(np.isfinite(loss)) and (not compressing or all_finite(model.grads))
         if not finite:  # take part in this step's collectives all the same; then fail
             model.grads[:] = 0.0
         computed = clock.now()
@@ -172,7 +175,7 @@ class Trainer:
         quiet_wait(control, STEP_SLEEP)
         exchanged = clock.now()
         if self.decided[DIVERGED]:
-            self.fail(step, "the loss of a replica")
+            self.fail(step, "a replica's loss or gradient")
         if not self.opt.apply(model.params, update, self.opt_state):
             self.fail(step, "the averaged gradient")  # the same on every replica
         done = clock.now()
