@@ -9,15 +9,19 @@ in interleaved rounds so that load on the machine hits every case alike:
   of the entries (``--fractions``, default 10%, 1%, 0.1%), no warm-up;
 - ``tau{T}``: the same with a fixed tau (``--taus``, none by default).
 
-Every case trains the same number of epochs from the same seed, so the test frame
-accuracy at the end compares like with like.  Recorded per case and repeat: test
-accuracy, seconds per step (rank 0's training time over its steps, evaluation and
-start-up excluded), compression ratio (dense float32 bytes over the bytes a replica
-sent, over the whole run and every replica) and the mean fraction of entries sent.
+Every case trains the same number of epochs; repeat r uses ``run.seed = r`` for every
+case (initial model, batch order), so each round compares like with like, and the
+rounds show how much of a difference is the seed's.  (A run is deterministic given
+its seed: repeats with one seed would only repeat the same accuracy.)  Recorded per
+case and repeat: test accuracy, seconds per step (rank 0's training time over its
+steps, evaluation and start-up excluded), compression ratio (dense float32 bytes over
+the bytes a replica sent, over the whole run and every replica) and the mean fraction
+of entries sent.
 
 Acceptance (issue 9): the ``f0.01`` case sends >= 100x fewer bytes than dense float32
-and its accuracy is within 1 point of ``dense``.  The verdict is printed; where 0.1%
-stands is printed beside it.
+and its accuracy is within 1 point of ``dense`` (the median over the rounds of the
+paired difference; the worst round is printed too).  The verdict is printed; where
+0.1% stands is printed beside it.
 
 Writes ``results/compression.h5`` (stamped with :func:`mpibelief.results.stamp`):
 ``/bench/compression/<case>/{accuracy, seconds_per_step, ratio, fraction}`` (one value
@@ -26,7 +30,7 @@ fraction, 1 for dense; 0 for fixed tau) and ``tau``.  ``mpibelief plot compressi
 draws it.
 
 Usage: ``python bench/compression.py [--replicas 2] [--fractions 0.1,0.01,0.001]
-[--taus 0.01] [--epochs 2] [--repeats 1] [--launcher mpiexec] [--out PATH]``
+[--taus 0.01] [--epochs 2] [--repeats 3] [--launcher mpiexec] [--out PATH]``
 """
 
 from __future__ import annotations
@@ -58,9 +62,9 @@ def cases(fractions: list[float], taus: list[float]) -> dict:
     return found
 
 
-def command(overrides: list[str], args, out: Path) -> list[str]:
-    sets = [*overrides, f"train.epochs={args.epochs}", "train.eval_every=1e9",
-            "train.max_seconds=0.0", f"layout.replicas={args.replicas}"]
+def command(overrides: list[str], args, out: Path, seed: int) -> list[str]:
+    sets = [*overrides, f"run.seed={seed}", f"train.epochs={args.epochs}",
+            "train.eval_every=1e9", "train.max_seconds=0.0", f"layout.replicas={args.replicas}"]
     py = [sys.executable, "-m", "mpibelief", "train", "configs/sync.toml", "--out", str(out)]
     for item in sets:
         py += ["--set", item]
@@ -107,7 +111,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="kept fractions for adaptive tau, e.g. 0.1,0.01,0.001")
     parser.add_argument("--taus", type=floats, default=[], help="fixed taus, e.g. 0.01")
     parser.add_argument("--epochs", type=float, default=2.0, help="epochs of FSDD per run")
-    parser.add_argument("--repeats", type=int, default=1, help="runs per case (median)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="rounds; round r runs every case with run.seed = r")
     parser.add_argument("--launcher", default=str(BIN / "mpiexec"),
                         help="MPI launcher taking -n (e.g. 'srun --mpi=pmi2')")
     parser.add_argument("--out", default=str(REPO / "results" / "compression.h5"))
@@ -122,7 +127,7 @@ def main(argv=None) -> None:
         for rep in range(args.repeats):
             for name, overrides in todo.items():
                 path = Path(tmp) / f"{name}_{rep}.h5"
-                launch(name, command(overrides, args, path))
+                launch(name, command(overrides, args, path, seed=rep))
                 found[name].append(figures(path))
                 acc, per_step, ratio, fraction = found[name][-1]
                 print(f"round {rep + 1}/{args.repeats} {name:>8}: test acc {acc:.4f},"
@@ -164,15 +169,18 @@ def report(found: dict, todo: dict, args) -> None:
 
 
 def verdict(found: dict, base: float) -> None:
+    dense = np.array([row[0] for row in found["dense"]])
     for name in ("f0.01", "f0.001"):
         if name not in found:
             continue
-        acc = float(np.median([row[0] for row in found[name]]))
-        ratio = float(np.median([row[2] for row in found[name]]))
-        ok = ratio >= GOAL_RATIO and acc >= base - GOAL_POINTS
+        acc = np.array([row[0] for row in found[name]])
+        diff = acc - dense  # paired: the same seed in each round
+        ratio = float(np.min([row[2] for row in found[name]]))
+        ok = ratio >= GOAL_RATIO and float(np.median(diff)) >= -GOAL_POINTS
         tag = ("PASS" if ok else "FAIL") if name == "f0.01" else "0.1%"
-        print(f"{tag}: {name} sends {ratio:.0f}x fewer bytes than dense float32, test"
-              f" accuracy {acc:.4f} vs dense {base:.4f} ({100 * (acc - base):+.2f} points)")
+        print(f"{tag}: {name} sends >= {ratio:.0f}x fewer bytes than dense float32; test"
+              f" accuracy minus dense's, same seed: median {100 * np.median(diff):+.2f},"
+              f" worst {100 * diff.min():+.2f} points over {len(diff)} seed(s)")
 
 
 if __name__ == "__main__":
