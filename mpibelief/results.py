@@ -29,7 +29,12 @@ File layout (``mpibelief plot`` and the figure scripts read nothing else)::
     /ranks/<name>        one entry per rank: rank, samples (trained on), train_seconds
                          (wall time in the training loop; a shard's: serving),
                          compute_seconds (a shard's: applying updates), comm_seconds,
-                         wait_seconds (a shard's: idle), bytes_pushed, bytes_pulled
+                         wait_seconds (a shard's: idle), bytes_pushed, bytes_pulled.
+                         Sync SGD: comm_seconds is the gradient exchange (with encode
+                         and decode, and waiting for the slowest replica), wait_seconds
+                         the pauses for rank 0's evaluations; bytes_pushed is the
+                         rank's share (4 n per step dense, its packets compressed),
+                         bytes_pulled what it receives (4 n, or every rank's packets)
     /server/<name>       parameter-server runs only: shard_rank, applied, refused,
                          bytes_in, busy_fraction (applying / serving time), one per
                          shard; staleness (histogram: count of pushes by updates missed)

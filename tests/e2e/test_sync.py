@@ -83,7 +83,13 @@ def test_diverging_sync_fails_with_one_line(tmp_path, config):
 def test_compression_at_one_percent_matches_dense_sync_on_speech(tmp_path):
     """Acceptance: sending <= 1% of entries per step (>= 100x fewer bytes than dense
     float32), 2 replicas reach the test frame accuracy of uncompressed sync SGD within
-    1 point after the same number of epochs.  (Measured: see the README's table.)
+    1 point after the same number of epochs.
+
+    Two epochs: a run is deterministic given its seed (2 replicas), so the margin is
+    what counts, not repeats: seed 0 gives dense 66.99%, keep 1% 68.08%, and over
+    seeds 0-2 the paired difference is +0.20 to +1.09 points (``bench/compression.py``).
+    At 0.1% it is -1.30 to -2.65 points: too far, so 1% is the test.  Took 81-151 s on
+    the shared 2-core workstation at load 11-15 (the Downpour test beside it: 137 s).
     """
     epochs = ["--set", f"train.epochs={EPOCHS}", "--set", "train.eval_every=1e9"]
     runs = {}
