@@ -35,6 +35,8 @@ bench: $(STAMP)
 	$(BIN)/mpiexec -n 3 $(BIN)/python -m mpi4py bench/rma.py
 	$(BIN)/python bench/downpour.py
 	$(BIN)/python bench/sandblaster.py
+	$(BIN)/python bench/compression.py
+	$(BIN)/python -m mpibelief plot compression results/compression.h5
 
 clean:
 	rm -rf results/*.h5 results/*.png .cache .pytest_cache .ruff_cache

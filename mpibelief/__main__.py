@@ -22,6 +22,8 @@ EPILOG = """examples:
   mpiexec -n 5 python -m mpibelief train configs/demo.toml
   python -m mpibelief train configs/sgd.toml --set train.epochs=2 --set model.hidden=1024
   python -m mpibelief plot accuracy results/demo.h5 results/sgd.h5 --out results/cmp.png
+  mpiexec -n 2 python -m mpibelief train configs/sync_strom.toml
+  python -m mpibelief plot compression results/compression.h5
 """
 
 
@@ -50,7 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     with_config("data", "build (or check) the feature cache and describe the data")
 
     plot = sub.add_parser("plot", help="draw figures from result files")
-    plot.add_argument("figure", choices=["accuracy"], help="which figure")
+    plot.add_argument("figure", choices=["accuracy", "compression"],
+                      help="accuracy: result files against time; compression: the"
+                           " file bench/compression.py wrote")
     plot.add_argument("runs", nargs="+", help="HDF5 result files")
     plot.add_argument("--out", help="PNG to write (default: beside the first run)")
     return p
@@ -109,9 +113,14 @@ def cmd_data(args, cfg) -> int:
 
 
 def cmd_plot(args) -> int:
-    from mpibelief.plots.accuracy import plot_accuracy
+    if args.figure == "compression":
+        from mpibelief.plots.compression import plot_compression
 
-    out = plot_accuracy(args.runs, args.out)
+        out = plot_compression(args.runs[0], args.out)
+    else:
+        from mpibelief.plots.accuracy import plot_accuracy
+
+        out = plot_accuracy(args.runs, args.out)
     print(f"wrote {out}")
     return 0
 

@@ -105,20 +105,33 @@ def quiet_barrier(comm: MPI.Comm, max_sleep: float = 0.002) -> None:
     quiet_wait(comm.Ibarrier(), max_sleep)
 
 
+def try_recv(comm: MPI.Comm, source: int = MPI.ANY_SOURCE, tag: int = Tag.REPORT):
+    """``(True, message)`` if a pickled message is waiting, else ``(False, None)``.
+
+    A matched probe, then a receive of exactly its size: mpi4py's ``irecv`` posts a
+    32 KiB buffer and fails on longer messages (a report carrying a compression log).
+    """
+    message = comm.improbe(source=source, tag=tag)
+    return (False, None) if message is None else (True, message.recv())
+
+
 def quiet_recv(comm: MPI.Comm, source: int = MPI.ANY_SOURCE, tag: int = Tag.REPORT,
                max_sleep: float = 0.002, timeout: float | None = None):
-    """Receive one pickled control message without spinning.
+    """Receive one pickled control message of any size without spinning.
 
     Raises:
-        TimeoutError: when ``timeout`` seconds pass first (the receive is cancelled).
+        TimeoutError: when ``timeout`` seconds pass first (nothing is left posted).
     """
-    request = comm.irecv(source=source, tag=tag)
-    try:
-        return quiet_wait(request, max_sleep, timeout)
-    except TimeoutError:
-        request.Cancel()
-        request.Wait()  # complete the cancelled receive (uppercase: no unpickling)
-        raise
+    result = []
+
+    def arrived() -> bool:
+        done, message = try_recv(comm, source, tag)
+        if done:
+            result.append(message)
+        return done
+
+    poll(arrived, high=max_sleep, timeout=timeout)
+    return result[0]
 
 
 def quiet_send(comm: MPI.Comm, obj, dests, tag: int) -> None:

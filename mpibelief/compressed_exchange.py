@@ -39,10 +39,12 @@ class PacketExchange:
         n: length of the dense vector.
         comm: the intracommunicator across replicas (each rank one replica).
         capacity: words to reserve for the gathered packets up front (grows if needed).
+        max_sleep: the longest sleep between tests while waiting (see ``quiet_wait``).
     """
 
-    def __init__(self, n: int, *, comm: MPI.Intracomm, capacity: int = 0):
-        self.n, self.comm = n, comm
+    def __init__(self, n: int, *, comm: MPI.Intracomm, capacity: int = 0,
+                 max_sleep: float = 0.002):
+        self.n, self.comm, self.max_sleep = n, comm, max_sleep
         size = comm.Get_size()
         self.mine = np.zeros(1, np.int32)
         self.counts = np.zeros(size, np.int32)
@@ -54,7 +56,7 @@ class PacketExchange:
         if packet.dtype != np.uint32 or packet.ndim != 1 or packet.size < 1:
             raise ValueError("exchange: a packet is a 1-D uint32 array with a tau header")
         self.mine[0] = packet.size
-        quiet_wait(self.comm.Iallgather(self.mine, self.counts))
+        quiet_wait(self.comm.Iallgather(self.mine, self.counts), self.max_sleep)
         total = int(self.counts.astype(np.int64).sum())
         if total > _INT_MAX:
             raise ValueError(f"exchange: {total} words exceed MPI's int counts")
@@ -62,7 +64,7 @@ class PacketExchange:
         if total > self.buffer.size:
             self.buffer = np.zeros(max(total, 2 * self.buffer.size), np.uint32)
         recv = [self.buffer, (self.counts, self.displs), MPI.UINT32_T]
-        quiet_wait(self.comm.Iallgatherv(packet, recv))
+        quiet_wait(self.comm.Iallgatherv(packet, recv), self.max_sleep)
         return self.buffer[:total]
 
     def exchange(self, packet: np.ndarray, out: np.ndarray) -> np.ndarray:

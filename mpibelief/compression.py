@@ -97,6 +97,22 @@ def unpack(words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(indices as int64, True where the entry is -tau)`` of packed words."""
     return (words & INDEX_MASK).astype(np.int64), (words & SIGN_BIT) != 0
 
+def split_words(words: np.ndarray, bounds: list[tuple[int, int]]) -> list[np.ndarray]:
+    """The packed words (no tau header) whose index is in each ``[lo, hi)``, rebased to lo.
+
+    For a push split over parameter shards: each shard gets the entries of its part,
+    indexed from the part's start.  The words are in ascending index order, so each
+    part is one ``searchsorted`` range; subtracting ``lo`` (<= the index) never borrows
+    into the sign bit.  A part starting at 0 is a view, the others are copies.
+    """
+    indices = words & INDEX_MASK
+    parts = []
+    for lo, hi in bounds:
+        a, b = np.searchsorted(indices, [lo, hi])
+        part = words[a:b]
+        parts.append(part if lo == 0 else part - np.uint32(lo))
+    return parts
+
 # ---------------------------------------------------------------------------- kernels
 
 

@@ -154,6 +154,24 @@ class SandblasterConfig:
 
 
 @dataclass(frozen=True)
+class CompressionConfig:
+    """Strom's threshold compression of the gradients a replica sends (sync, Downpour).
+
+    ``tau`` > 0 fixes the threshold (Strom's choice); ``tau = 0`` chooses it every step
+    so that a packet is at most ``fraction`` of the dense float32 bytes.  Warm-up: with
+    ``warmup_stages`` > 0 the kept fraction starts at ``warmup_start`` and falls
+    geometrically towards ``fraction``, one stage per ``warmup_epochs`` epochs (DGC).
+    """
+
+    enabled: bool = False
+    tau: float = 0.0
+    fraction: float = 0.01
+    warmup_start: float = 0.25
+    warmup_stages: int = 0
+    warmup_epochs: float = 1.0
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole experiment: one attribute per TOML table."""
 
@@ -166,6 +184,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     sandblaster: SandblasterConfig = field(default_factory=SandblasterConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
 
     def to_toml(self) -> str:
         """The resolved config as TOML text, stored in every result file."""
@@ -283,9 +302,8 @@ def _check(config: Config, source: str) -> None:
         ("train", "max_seconds"), ("train", "eval_every"), ("train", "eval_samples"),
         ("downpour", "warmstart_steps"), ("run", "seed"), ("data", "seed"),
         ("checkpoint", "every"), ("faults", "replica_timeout"), ("faults", "stop_after"),
-        ("faults", "kill_after"),
-        ("downpour", "warmstart_steps"), ("sandblaster", "batch"),
-        ("sandblaster", "iterations"),
+        ("faults", "kill_after"), ("sandblaster", "batch"), ("sandblaster", "iterations"),
+        ("compression", "tau"), ("compression", "warmup_stages"),
     ]
     for table, key in non_negative:
         if getattr(getattr(config, table), key) < 0:
@@ -305,6 +323,7 @@ def _check(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: train.lr must be positive")
     if config.train.adagrad_eps <= 0:
         raise ConfigError(f"{source}: train.adagrad_eps must be positive")
+    _check_compression(config.compression, source)
     if config.layout.partitions != 1:
         raise ConfigError(
             f"{source}: layout.partitions = {config.layout.partitions}: model parallelism"
@@ -315,6 +334,15 @@ def _check(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: sandblaster needs 0 < c1 < c2 < 1 (Wolfe conditions)")
     if config.data.context % 2 == 0:
         raise ConfigError(f"{source}: data.context must be odd (centre frame plus both sides)")
+
+
+def _check_compression(comp: CompressionConfig, source: str) -> None:
+    for key in ("fraction", "warmup_start"):
+        value = getattr(comp, key)
+        if not 0.0 < value <= 1.0:
+            raise ConfigError(f"{source}: compression.{key} = {value} is not in (0, 1]")
+    if comp.warmup_epochs <= 0:
+        raise ConfigError(f"{source}: compression.warmup_epochs must be positive")
 
 
 def _apply_override(raw: dict, item: str) -> None:

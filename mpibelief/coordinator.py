@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mpibelief.comm import Tag, quiet_recv, quiet_send, quiet_wait
+from mpibelief.comm import Tag, quiet_recv, quiet_send, try_recv
 from mpibelief.errors import UserError
 from mpibelief.progress import Progress
 from mpibelief.signals import Signals
@@ -90,7 +90,7 @@ class Coordinator:
         self.signals = ctx.signals or Signals()
         self.row: dict = {}
         self.failures: list[Failure] = []
-        self.lost: dict = {}  # rank -> its pending report request, for failed workers
+        self.lost: set[int] = set()  # failed workers, whose reports are not waited for
         self.stopped_by: str | None = None  # "SIGTERM" when the run was told to end
         self.error: UserError | None = None  # divergence: raised once all have stopped
 
@@ -125,17 +125,16 @@ class Coordinator:
         (:meth:`finish`), once every update is applied.
         """
         comm, faults = self.ctx.comms.control, self.cfg.faults
-        pending = {r: comm.irecv(source=r, tag=Tag.REPORT) for r in workers}
-        self.pending, reports = pending, {}
+        pending, reports = set(workers), {}
         watchdog = _Watchdog(self, workers)
         next_eval, next_ckpt = 0.0, self.cfg.checkpoint.every or float("inf")
         stop_at = None  # clock time the stop was sent
         while pending:
-            for rank, request in list(pending.items()):
-                done, message = request.test()
+            for rank in sorted(pending):
+                done, message = try_recv(comm, rank, Tag.REPORT)  # any size
                 if done:
                     reports[rank] = message
-                    del pending[rank]
+                    pending.discard(rank)
             now = self.clock.now() - self.start
             if stop_at is None and self._should_stop():
                 self.tell_stop(list(pending))
@@ -182,14 +181,13 @@ class Coordinator:
     def gather_lost(self) -> tuple[dict, list[int]]:
         """Stop the failed workers and take their reports; returns ``(reports, gone)``,
         ``gone`` the ranks that did not answer within ``faults.stall_seconds`` (hung)."""
-        self.tell_stop(list(self.lost))
+        self.tell_stop(sorted(self.lost))
         reports, gone = {}, []
-        for rank, request in self.lost.items():
+        for rank in sorted(self.lost):
             try:
-                reports[rank] = quiet_wait(request, timeout=self.cfg.faults.stall_seconds)
+                reports[rank] = quiet_recv(self.ctx.comms.control, source=rank,
+                                           tag=Tag.REPORT, timeout=self.cfg.faults.stall_seconds)
             except TimeoutError:
-                request.Cancel()
-                request.Wait()
                 gone.append(rank)
         return reports, gone
 
@@ -246,7 +244,7 @@ class _Watchdog:
             return 0.0
         return now - old[1]
 
-    def check(self, pending: dict, stopping: bool) -> None:
+    def check(self, pending: set, stopping: bool) -> None:
         coord, sup, now = self.coord, self.coord.supervision, self.coord.clock.now()
         if now < self.next:
             return
@@ -259,7 +257,8 @@ class _Watchdog:
                     coord.failures.append(Failure(rank, coord.elapsed(), reason))
                     print(f"mpibelief: rank {rank} failed ({reason}); going on without it",
                           flush=True)
-                    coord.lost[rank] = pending.pop(rank)  # not waited for, for now
+                    pending.discard(rank)  # not waited for, for now
+                    coord.lost.add(rank)
         if sup.versions is not None and pending and not stopping:
             for rank, version in zip(sup.shard_ranks, sup.versions(), strict=True):
                 idle = self._changed(("shard", rank), int(version), now)

@@ -4,7 +4,9 @@ File layout (``mpibelief plot`` and the figure scripts read nothing else)::
 
     /                    attributes
         config           the resolved config as TOML text
-        algorithm        e.g. "sgd", "downpour"
+        algorithm        e.g. "sgd", "downpour", "sync"
+        method           where the algorithm sets it: a label for plots, e.g.
+                         "sync[2]", "sync[2]+strom(1%)"
         world_size       number of MPI ranks
         roles            the rank/role table, one line per rank
         status           "running" while training, then "complete" (perhaps "complete
@@ -38,7 +40,12 @@ File layout (``mpibelief plot`` and the figure scripts read nothing else)::
     /ranks/<name>        one entry per rank: rank, samples (trained on), train_seconds
                          (wall time in the training loop; a shard's: serving),
                          compute_seconds (a shard's: applying updates), comm_seconds,
-                         wait_seconds (a shard's: idle), bytes_pushed, bytes_pulled
+                         wait_seconds (a shard's: idle), bytes_pushed, bytes_pulled.
+                         Sync SGD: comm_seconds is the gradient exchange (with encode
+                         and decode, and waiting for the slowest replica), wait_seconds
+                         the pauses for rank 0's evaluations; bytes_pushed is the
+                         rank's share (4 n per step dense, its packets compressed),
+                         bytes_pulled what it receives (4 n, or every rank's packets)
     /server/<name>       parameter-server runs only: shard_rank, applied, refused,
                          bytes_in, busy_fraction (applying / serving time), one per
                          shard; staleness (histogram: count of pushes by updates missed)
@@ -53,6 +60,18 @@ File layout (``mpibelief plot`` and the figure scripts read nothing else)::
                          coordinator's training traffic: shard commands and replica
                          messages, pickled sizes),
                          done_by (batches x replicas: portions each replica's pushes held)
+    /compression/<name>  compressed runs only (``compression.enabled``): 1-D float64
+                         time series, chunked and resizable, one row per compressed
+                         step (sync) or push (Downpour) of each replica rank, written in
+                         chunks of rows (:class:`Series`):
+        rank, step       who sent it, and its step (1-based) on that rank
+        epoch            the epoch the warm-up schedule saw
+        tau              the threshold used
+        fraction         entries sent / entries in the gradient
+        bytes_dense      4 * entries: the float32 gradient
+        bytes_compressed 4 * entries sent + 8 (tau and the count)
+        ratio            bytes_dense / bytes_compressed
+        residual_norm    L2 norm of the rank's residual after the step
     /bench/<name>/...    benchmark results (each bench documents its own group); bench
                          files carry the same provenance attributes (:func:`stamp`)
 """
@@ -93,6 +112,9 @@ class RankStats:
     bytes_pushed: int = 0
     bytes_pulled: int = 0
 
+
+COMPRESSION = ("rank", "step", "epoch", "tau", "fraction", "bytes_dense",
+               "bytes_compressed", "ratio", "residual_norm")
 
 RANK_FIELDS = tuple(f.name for f in dataclasses.fields(RankStats))
 
@@ -155,6 +177,47 @@ def _git_commit() -> str:
         return ""
 
 
+class Series:
+    """Rows of named float64 columns under ``/group``, buffered and written in chunks.
+
+    One HDF5 append per row costs more than a small training step (the file is opened,
+    resized and closed each time), so rows wait in a numpy buffer and go out ``chunk``
+    at a time; :meth:`flush` (and the writer's ``close``) writes the rest.
+    """
+
+    def __init__(self, writer, group: str, names: tuple[str, ...], chunk: int = 1024):
+        self.writer, self.group, self.names = writer, group, tuple(names)
+        self.rows = np.empty((chunk, len(self.names)))
+        self.filled = 0
+
+    def append(self, row: dict) -> None:
+        """Add one row; missing names are NaN.  Written once ``chunk`` rows wait."""
+        self.rows[self.filled] = [row.get(name, np.nan) for name in self.names]
+        self.filled += 1
+        if self.filled == len(self.rows):
+            self.flush()
+
+    def extend(self, columns: dict) -> None:
+        """Add many rows at once (equal-length arrays by name; missing names are NaN)."""
+        self.flush()
+        length = len(next(iter(columns.values()))) if columns else 0
+        block = np.full((length, len(self.names)), np.nan)
+        for i, name in enumerate(self.names):
+            if name in columns:
+                block[:, i] = columns[name]
+        self._write(block)
+
+    def flush(self) -> None:
+        if self.filled:
+            self._write(self.rows[:self.filled])
+            self.filled = 0
+
+    def _write(self, block: np.ndarray) -> None:
+        if len(block) and not self.writer.closed:
+            self.writer.extend(self.group, {name: block[:, i]
+                                            for i, name in enumerate(self.names)})
+
+
 class ResultWriter:
     """Creates a run's HDF5 file and appends to it as the run goes.
 
@@ -177,6 +240,7 @@ class ResultWriter:
         self.path = Path(path)
         self.closed = False
         self.lock = threading.Lock()  # a notice thread may close the file mid-append
+        self.series_open: list[Series] = []
         _claim(self.path, overwrite, lambda f: self._build(f, attrs))
 
     @classmethod
@@ -191,6 +255,7 @@ class ResultWriter:
         """
         self = cls.__new__(cls)
         self.path, self.closed, self.lock = Path(path), False, threading.Lock()
+        self.series_open = []
         if not self.path.exists():
             raise UserError(f"cannot resume: result file {path} does not exist")
         _check_replaceable(self.path)
@@ -222,6 +287,12 @@ class ResultWriter:
                 raise RuntimeError(f"{self.path} is closed")
             with h5py.File(self.path, "r+", locking=False) as f:
                 yield f
+
+    def series(self, group: str, names: tuple[str, ...], chunk: int = 1024) -> Series:
+        """A buffered time series under ``/group`` (flushed by :meth:`close` at the latest)."""
+        found = Series(self, group, names, chunk)
+        self.series_open.append(found)
+        return found
 
     def append_metrics(self, row: dict) -> None:
         """Append one sample; missing names are stored as NaN."""
@@ -281,6 +352,9 @@ class ResultWriter:
 
     def close(self, status: str = "complete") -> None:
         """Record how the run ended (once; later calls do nothing; thread-safe)."""
+        if threading.current_thread() is threading.main_thread():
+            for series in self.series_open:  # buffered rows first
+                series.flush()
         with self.lock:  # the first status wins, whichever thread sets it
             if self.closed:
                 return

@@ -9,7 +9,9 @@ to back):
 - :meth:`~Replica.compute`: one mini-batch forward and backward; with ``n_push`` > 1 the
   gradient is added to a running sum;
 - :meth:`~Replica.push`: send the (summed) gradient with the versions it came from and
-  the number of samples it covers.
+  the number of samples it covers; with a ``compressor``
+  (:class:`~mpibelief.compressor.Compressor`), its threshold-compressed packet instead
+  (the replica keeps the residual; the shards decode and apply).
 
 Every ``n_fetch`` steps it fetches, every ``n_push`` steps it pushes; :meth:`finish`
 pushes a last partial sum.  The store is anything with the parameter client's methods
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mpibelief.data import batches
+from mpibelief.optim import all_finite
 from mpibelief.results import RankStats
 
 
@@ -42,6 +45,7 @@ class WorkerStats:
     wait_seconds: float = 0.0
     bytes_pushed: int = 0
     bytes_pulled: int = 0
+    compression: dict | None = None  # the compressor's log by column, when compressing
 
     def rank_stats(self) -> RankStats:
         return RankStats(self.rank, self.samples, self.train_seconds, self.compute_seconds,
@@ -60,11 +64,14 @@ class Replica:
         train, downpour: the config tables (batch; ``n_fetch``, ``n_push``).
         seed: the shuffling seed.
         clock: :class:`~mpibelief.clock.WallClock` or a virtual clock.
+        compressor: a :class:`~mpibelief.compressor.Compressor` over ``[lo, hi)`` to push
+            compressed packets, or None to push dense gradients.
     """
 
     def __init__(self, rank: int, model, store, data, train, downpour, seed: int, clock,
-                 lo: int = 0, hi: int | None = None, injector=None):
+                 lo: int = 0, hi: int | None = None, injector=None, compressor=None):
         self.model, self.store, self.data, self.clock = model, store, data, clock
+        self.compressor = compressor
         hi = model.n_params if hi is None else hi
         self.params, self.grads = model.params[lo:hi], model.grads[lo:hi]
         self.batch, self.n_fetch, self.n_push = train.batch, downpour.n_fetch, downpour.n_push
@@ -108,7 +115,13 @@ class Replica:
             return
         tick = self.clock.now()
         grad = self.grads if self.accum is None else self.accum
-        self.store.push(grad, self.versions, samples=self.unpushed * self.batch)
+        samples = self.unpushed * self.batch
+        if self.compressor is None:
+            self.store.push(grad, self.versions, samples=samples)
+        else:  # a non-finite gradient goes as a refusal and stays out of the residual
+            epoch = self.stats.samples / len(self.data.y_train)
+            packet = self.compressor.compress(grad, epoch)[0] if all_finite(grad) else None
+            self.store.push_packet(packet, self.versions, samples=samples)
         self.stats.comm_seconds += self.clock.now() - tick
         self.stats.pushes += 1
         self.unpushed = 0
@@ -159,4 +172,6 @@ class Replica:
         cs = self.store.stats
         self.stats.bytes_pushed, self.stats.bytes_pulled = cs.bytes_pushed, cs.bytes_pulled
         self.stats.wait_seconds = cs.wait_seconds
+        if self.compressor is not None:
+            self.stats.compression = self.compressor.log.columns()
         return self.stats

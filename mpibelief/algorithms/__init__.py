@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from mpibelief.errors import ConfigError
 
-BUILTIN = ("sgd", "downpour", "sandblaster")  # modules of this package that register on import
+BUILTIN = ("sgd", "downpour", "sandblaster", "sync")  # modules that register on import
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,10 @@ One entry point per role, all over one :class:`~mpibelief.ps.server.ParameterSer
 Resuming (``--resume``): the shards load their slices, optimiser state and counters
 from the checkpoint; each replica skips the batches whose pushes the shards had applied
 (the same batch order follows, from the same seed), so no step is repeated or lost.
+
+With ``compression.enabled`` every replica pushes Strom-compressed packets (its own
+residual, :class:`~mpibelief.compressor.Compressor`) and the shards decode and apply
+them; each push is logged in ``/compression``.
 """
 
 from __future__ import annotations
@@ -25,13 +29,14 @@ import numpy as np
 from mpibelief import checkpoint
 from mpibelief.algorithms import Algorithm, register
 from mpibelief.comm import Tag, quiet_recv, quiet_send
+from mpibelief.compressor import Compressor, label
 from mpibelief.coordinator import Coordinator, Supervision
 from mpibelief.errors import ConfigError, UserError
 from mpibelief.faults import Injector, ReplicaStoppedError
 from mpibelief.layout import COORDINATOR, SHARD, WORKER
 from mpibelief.optim import Optimizer
 from mpibelief.ps.server import ParameterServer
-from mpibelief.results import RankStats
+from mpibelief.results import COMPRESSION, RankStats
 from mpibelief.worker import Replica
 
 
@@ -84,9 +89,14 @@ def replica(ctx) -> None:
     lo, hi = ctx.model.layout(lay.partitions).partition(role.partition)
     start = quiet_recv(comms.control, source=comms.coordinator, tag=Tag.START)
     data = ctx.data.shard(role.index, lay.replicas)
+    compressor = None
+    if cfg.compression.enabled:
+        Compressor.warm()
+        compressor = Compressor(hi - lo, cfg.compression, ctx.rank)
     worker = Replica(ctx.rank, ctx.model, ps.client(), data, cfg.train, cfg.downpour,
                      seed=cfg.run.seed + 1 + role.index, clock=ctx.clock, lo=lo, hi=hi,
-                     injector=Injector(cfg.faults, ctx.rank, role.index, ctx.clock))
+                     injector=Injector(cfg.faults, ctx.rank, role.index, ctx.clock),
+                     compressor=compressor)
     done, warm = start["skip"][role.index], start["warm"]
     worker.skip(done)
     own_warm = cfg.downpour.warmstart_steps if role.index == 0 else 0
@@ -147,7 +157,9 @@ def coordinate(ctx) -> dict:
     supervision = Supervision(progress=lambda: ps.samples_applied()[1:], versions=ps.versions,
                               checkpoint=lambda: write_checkpoint(ctx, ps, coord),
                               shard_ranks=lay.shard_ranks())
-    coord = Coordinator(ctx, snapshot, total, f"downpour[{lay.replicas}]", offset, supervision)
+    name = method(cfg, lay.replicas)
+    ctx.writer.set_attrs({"method": name})
+    coord = Coordinator(ctx, snapshot, total, name, offset, supervision)
     reports = coord.watch(workers)
     lost, gone = coord.gather_lost()
     reports.update(lost)
@@ -219,6 +231,14 @@ def write_checkpoint(ctx, ps, coord) -> int:
     return number
 
 
+def method(cfg, replicas: int) -> str:
+    """The run's label for plots, e.g. ``downpour[2]+adagrad``."""
+    name = f"downpour[{replicas}]"
+    if cfg.compression.enabled:
+        name += "+" + label(cfg.compression)
+    return name + ("+adagrad" if cfg.train.optimizer == "adagrad" else "")
+
+
 def replica_samples(per_worker: np.ndarray, lay) -> int:
     """Samples applied, all replicas together: a replica's step counts once all of its
     partitions' pushes are applied (``per_worker`` in ``lay.worker_ranks()`` order)."""
@@ -252,6 +272,11 @@ def _write_tables(writer, client, reports: dict, shard_stats: list, lay) -> None
              for s in shard_stats]
     rows += [w.rank_stats() for _, w in sorted(reports.items())]
     writer.write_ranks(rows)
+    logs = [w.compression for _, w in sorted(reports.items()) if w.compression is not None]
+    if logs:
+        series = writer.series("compression", COMPRESSION)
+        for log in logs:
+            series.extend(log)
     writer.write_table("server", {
         "shard_rank": lay.shard_ranks(),
         "applied": [s.applied for s in shard_stats],

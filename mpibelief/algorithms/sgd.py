@@ -50,6 +50,8 @@ def train_sgd(ctx) -> dict:
     order = batches(len(data.y_train), train.batch, np.random.default_rng(cfg.run.seed + 1))
     steps_per_epoch = max(len(data.y_train) // train.batch, 1)
     total_steps = max(int(train.epochs * steps_per_epoch), 1)
+    method = "sgd[1]" + ("+adagrad" if train.optimizer == "adagrad" else "")
+    writer.set_attrs({"method": method})  # the label in plots
     progress = Progress(total_steps * train.batch, f"sgd[{cfg.run.name}]")
     elapsed, step, stopped, row = 0.0, 0, None, None
     if ctx.resume is not None:

@@ -12,10 +12,14 @@ from mpibelief.results import read_metrics
 
 
 def _label(path: Path, attrs: dict) -> str:
-    """``name: method[replicas]``, as the paper labels its curves (e.g. sandblaster[2])."""
-    algo = attrs.get("algorithm", "?")
+    """``name: method, N ranks``: the method as the paper labels its curves,
+    ``method[replicas]`` (e.g. sandblaster[2]), with compression where the algorithm
+    records it (``sync[2]+strom(1%)+adagrad``)."""
     replicas = attrs.get("replicas", _replicas_from_roles(attrs.get("roles", "")))
-    return f"{path.stem}: {algo}[{replicas}], {attrs.get('world_size', '?')} ranks"
+    algorithm = attrs.get("algorithm", "?")
+    method = attrs.get("method") or (algorithm if replicas == "?" else
+                                     f"{algorithm}[{replicas}]")
+    return f"{path.stem}: {method}, {attrs.get('world_size', '?')} ranks"
 
 
 def _replicas_from_roles(roles: str) -> str:

@@ -24,10 +24,11 @@ import numpy as np
 
 from mpibelief.clock import WallClock
 from mpibelief.comm import poll
+from mpibelief.compression import HEADER_BYTES, split_words
 from mpibelief.errors import UserError
 from mpibelief.layout import Part
 from mpibelief.optim import all_finite
-from mpibelief.ps.state import GRADIENT, LOAD, REFUSED, ClientStats
+from mpibelief.ps.state import GRADIENT, LOAD, PACKET, REFUSED, ClientStats
 from mpibelief.ps.window import InboxWindow, ParamWindow, encode_slot
 
 
@@ -58,7 +59,7 @@ class ParameterClient:
         # Slot words and meta being published, alive until flushed; slots known free.
         self._words = np.zeros((len(parts), 1), np.int64)
         self._old = np.zeros((len(parts), 1), np.int64)
-        self._meta = np.zeros(InboxWindow.META, np.int64)
+        self._meta = np.zeros((len(parts), InboxWindow.META), np.int64)
         self._known_free = [[False] * inbox.depth for _ in parts]
 
     def pull(self, out: np.ndarray) -> np.ndarray:
@@ -117,10 +118,35 @@ class ParameterClient:
         self._check(grad, "grad")
         start = self.clock.now()
         finite = all_finite(grad) if self.check_finite else True
-        self._send(grad, GRADIENT if finite else REFUSED, versions, samples)
+        self._send(self._split(grad), GRADIENT if finite else REFUSED, versions, samples)
         self.stats.pushes += 1
         self.stats.refused += int(not finite)
         self.stats.bytes_pushed += grad.nbytes if finite else 0
+        self.stats.push_seconds += self.clock.now() - start
+
+    def push_packet(self, packet: np.ndarray | None, versions=None, samples: int = 0) -> None:
+        """Send a threshold-compressed gradient of this client's range; shards decode it.
+
+        Args:
+            packet: a :class:`~mpibelief.compression.ThresholdCompressor` packet over
+                the range (``[tau bits, word, ...]``), or None for a gradient the caller
+                found non-finite: then, as in :meth:`push`, every shard counts a refusal.
+            versions, samples: as in :meth:`push`.
+
+        Each shard gets only the words of its part, rebased to the part's start, with
+        the word count and tau in the slot's meta words: ``4 * k + 8`` bytes for k
+        entries, where a dense push sends ``4 * n``.
+        """
+        start = self.clock.now()
+        if packet is None:
+            self._send(None, REFUSED, versions, samples)
+        else:
+            bounds = [(p.local.start, p.local.stop) for p in self.parts]
+            pieces = split_words(packet[1:], bounds)
+            self._send(pieces, PACKET, versions, samples, int(packet[0]))
+            self.stats.bytes_pushed += sum(4 * w.size + HEADER_BYTES for w in pieces)
+        self.stats.pushes += 1
+        self.stats.refused += int(packet is None)
         self.stats.push_seconds += self.clock.now() - start
 
     def load(self, values: np.ndarray) -> None:
@@ -130,22 +156,30 @@ class ParameterClient:
         races an update) and returns once every shard has published it.
         """
         self._check(values, "values")
-        self._send(values, LOAD, None, 0)
+        self._send(self._split(values), LOAD, None, 0)
         self.wait_applied()
 
     set_params = load
 
-    def _send(self, data: np.ndarray, kind: int, versions, samples: int) -> None:
+    def _split(self, data: np.ndarray) -> list[np.ndarray]:
+        return [data[part.local] for part in self.parts]
+
+    def _send(self, payloads: list | None, kind: int, versions, samples: int,
+              tau_bits: int = 0) -> None:
+        """Put each shard's payload and meta into a free slot, flush, publish the words."""
         if self.index is None:
             raise RuntimeError("this rank has no inbox slots: it is not a client")
         inbox = self.inbox
         slots = [self._free_slot(s, part.rank) for s, part in enumerate(self.parts)]
-        self._meta[0] = samples
         if kind != REFUSED:
-            for part, slot in zip(self.parts, slots, strict=True):
-                inbox.put(self._meta, part.rank, inbox.slot_offset(part.rank, self.index, slot))
-                inbox.put(data[part.local], part.rank,
-                          inbox.data_offset(part.rank, self.index, slot))
+            for s, (part, slot) in enumerate(zip(self.parts, slots, strict=True)):
+                meta, payload = self._meta[s], payloads[s]
+                meta[InboxWindow.SAMPLES] = samples
+                meta[InboxWindow.WORDS] = payload.size if kind == PACKET else 0
+                meta[InboxWindow.TAU] = tau_bits
+                inbox.put(meta, part.rank, inbox.slot_offset(part.rank, self.index, slot))
+                if payload.size:
+                    inbox.put(payload, part.rank, inbox.data_offset(part.rank, self.index, slot))
             inbox.flush_all()  # the data is in the shards' memory before it is announced
         for s, (part, slot) in enumerate(zip(self.parts, slots, strict=True)):
             version = -1 if versions is None else int(versions[s])

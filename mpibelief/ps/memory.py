@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from mpibelief.compression import HEADER_BYTES, split_words
 from mpibelief.layout import Part, parts_of, shard_slices
 from mpibelief.optim import Optimizer, all_finite
 from mpibelief.ps.state import GRADIENT, LOAD, REFUSED, ClientStats, ShardState
@@ -77,6 +78,23 @@ class MemoryClient:
         self.stats.refused += int(not finite)
         self.stats.bytes_pushed += grad.nbytes if finite else 0
 
+    def push_packet(self, packet: np.ndarray | None, versions=None, samples: int = 0) -> None:
+        """A compressed push: each shard decodes its part's words (as the MPI client)."""
+        if packet is None:
+            self._send(None, REFUSED, versions, samples)
+        else:
+            bounds = [(p.local.start, p.local.stop) for p in self.parts]
+            tau = packet[:1].view(np.float32)[0]
+            for s, (part, words) in enumerate(zip(self.parts, split_words(packet[1:], bounds),
+                                                  strict=True)):
+                version = -1 if versions is None else int(versions[s])
+                size = part.local.stop - part.local.start
+                self.server.states[part.rank].consume_packet(
+                    words, tau, part.offset, size, version, self.index, samples)
+                self.stats.bytes_pushed += 4 * words.size + HEADER_BYTES
+        self.stats.pushes += 1
+        self.stats.refused += int(packet is None)
+
     def load(self, values: np.ndarray) -> None:
         self._send(values, LOAD, None, 0)
 
@@ -85,7 +103,8 @@ class MemoryClient:
     def _send(self, data, kind: int, versions, samples: int) -> None:
         for s, part in enumerate(self.parts):
             version = -1 if versions is None else int(versions[s])
-            self.server.states[part.rank].consume(kind, data[part.local], part.offset,
+            piece = None if data is None else data[part.local]
+            self.server.states[part.rank].consume(kind, piece, part.offset,
                                                    version, self.index, samples)
 
     def wait_applied(self) -> None:

@@ -33,7 +33,7 @@ from mpibelief import checkpoint
 from mpibelief.clock import WallClock
 from mpibelief.comm import Backoff, Tag, poll
 from mpibelief.errors import UserError
-from mpibelief.ps.state import GRADIENT, LOAD, ShardState, ShardStats
+from mpibelief.ps.state import GRADIENT, LOAD, PACKET, ShardState, ShardStats
 from mpibelief.ps.window import InboxWindow, ParamWindow, decode_slot
 
 
@@ -161,15 +161,22 @@ class ShardServer:
         """Apply (or refuse) one published slot, then hand the slot back to its client."""
         self.inbox.sync()  # the client's Put is visible before we load the slot
         kind, version = decode_slot(word)
-        samples = int(self.inbox.local_meta(client, slot)[0])
+        meta = self.inbox.local_meta(client, slot)
+        samples = int(meta[InboxWindow.SAMPLES])
         state, p = self.state, self.params
         self.wait_unread((state.version + 1) % p.buffers)
         p.sync()  # order our window loads after the readers' release
-        if state.consume(kind, self.inbox.local_slot(client, slot), self.offsets[client],
-                         version, client, samples):
+        data, lo = self.inbox.local_slot(client, slot), self.offsets[client]
+        if kind == PACKET:  # k packed words in the slot, tau's bits in the meta
+            words = data[:int(meta[InboxWindow.WORDS])].view(np.uint32)
+            tau = np.array([meta[InboxWindow.TAU]], np.uint32).view(np.float32)[0]
+            fresh = state.consume_packet(words, tau, lo, data.size, version, client, samples)
+        else:
+            fresh = state.consume(kind, data, lo, version, client, samples)
+        if fresh:
             p.sync()  # the new buffer is complete before anyone can see it published
             p.write_word(state.version, self.rank, ParamWindow.CURRENT)
-            if kind == GRADIENT and samples:
+            if kind in (GRADIENT, PACKET) and samples:
                 p.fetch_and_op(samples, self.rank, p.samples_offset(client))
         self.inbox.sync()  # our loads of the slot finish before the client may reuse it
         self.inbox.write_word(0, self.rank, self.inbox.word_offset(client, slot))

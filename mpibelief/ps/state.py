@@ -17,11 +17,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mpibelief.compression import HEADER_BYTES, decode_add
 from mpibelief.optim import Optimizer, all_finite
 
 # What a push is (the inbox slot's kind): a gradient to apply, a gradient the client
-# found non-finite (no data: refused), or values to load as the next version.
-EMPTY, GRADIENT, REFUSED, LOAD = 0, 1, 2, 3
+# found non-finite (no data: refused), values to load as the next version, or a
+# threshold-compressed gradient (packed words; the shard decodes and applies it).
+EMPTY, GRADIENT, REFUSED, LOAD, PACKET = 0, 1, 2, 3, 4
 
 
 @dataclass
@@ -102,6 +104,7 @@ class ShardState:
         self.optimizer, self.opt_state = optimizer, optimizer.state(n)
         self.stats = ShardStats(shard=shard, rank=rank, n_params=n)
         self.samples = np.zeros(clients, np.int64)
+        self.scratch: np.ndarray | None = None  # decoded packets, allocated on first use
         # Named vectors beside the parameters (Sandblaster's gradient sum, direction,
         # history; see mpibelief.ps.vectors).  With ``accumulate`` set to a name,
         # gradient pushes are summed into that vector instead of applied: no new
@@ -145,10 +148,31 @@ class ShardState:
         if kind != GRADIENT:
             stats.refused += 1
             return False
-        stats.bytes_in += data.nbytes
+        return self._apply(data, lo, version, client, samples, data.nbytes)
+
+    def consume_packet(self, words: np.ndarray, tau: float, lo: int, size: int,
+                       version: int = -1, client: int = 0, samples: int = 0) -> bool:
+        """Take a compressed push (``PACKET``): decode it over ``[lo, lo + size)``, apply.
+
+        ``words`` are packed entries indexed from ``lo`` (:func:`~mpibelief.compression.
+        split_words`); each adds ``+-tau``.  Decoding into a zeroed dense vector and then
+        running the usual rule keeps one update path for every kind of push.  Returns
+        True when a new version was written (as :meth:`consume`).
+        """
+        if self.scratch is None:
+            self.scratch = np.zeros(self.current.size, np.float32)
+        dense = self.scratch[:size]
+        dense[:] = 0.0
+        decode_add(words, np.float32(tau), dense)
+        return self._apply(dense, lo, version, client, samples, words.nbytes + HEADER_BYTES)
+
+    def _apply(self, grad: np.ndarray, lo: int, version: int, client: int, samples: int,
+               nbytes: int) -> bool:
+        stats = self.stats
+        stats.bytes_in += nbytes
         if self.accumulate is not None:
-            return self._accumulate(data, lo, client, samples)
-        if not self._write(data, lo, self.optimizer):
+            return self._accumulate(grad, lo, client, samples)
+        if not self._write(grad, lo, self.optimizer):
             stats.refused += 1
             return False
         stats.applied += 1

@@ -29,7 +29,7 @@ import numpy as np
 from mpi4py import MPI
 
 from mpibelief.comm import quiet_barrier
-from mpibelief.ps.state import EMPTY, GRADIENT, LOAD, REFUSED  # noqa: F401 - re-exported
+from mpibelief.ps.state import EMPTY, GRADIENT, LOAD, PACKET, REFUSED  # noqa: F401 - re-exported
 
 ALIGN = 64  # cache line: header words and data buffers never share one
 WORD = np.dtype(np.int64)
@@ -204,18 +204,20 @@ class ParamWindow(Window):
         return out
 
 
-# Inbox slot words: 0 = EMPTY; otherwise ``(version + 1) << 2 | kind`` (kinds: ps.state),
-# one atomic int64, so a push's kind and the version it came from are published together.
+# Inbox slot words: 0 = EMPTY; otherwise ``(version + 1) << KIND_BITS | kind`` (kinds:
+# ps.state), one atomic int64, so a push's kind and the version it came from are
+# published together.
+KIND_BITS = 3
 
 
 def encode_slot(kind: int, version: int) -> int:
     """The word a client publishes; ``version`` -1 means "not tracked"."""
-    return (version + 1) << 2 | kind
+    return (version + 1) << KIND_BITS | kind
 
 
 def decode_slot(word: int) -> tuple[int, int]:
     """``(kind, version)`` of a published slot word."""
-    return word & 3, (word >> 2) - 1
+    return word & ((1 << KIND_BITS) - 1), (word >> KIND_BITS) - 1
 
 
 class InboxWindow(Window):
@@ -227,8 +229,10 @@ class InboxWindow(Window):
 
         word[c * depth + k]          state of client c's slot k: EMPTY, or published
         per (c, k), in order:        client c's slot k, ``stride(r, c)`` bytes:
-            int64[META]                  meta: [0] samples the push sums
-            float32[counts[r][c]]        the gradient (or, for LOAD, the parameters)
+            int64[META]                  meta: [0] samples the push sums; for PACKET
+                                         [1] packed words k, [2] tau's float32 bits
+            float32[counts[r][c]]        the gradient (or, for LOAD, the parameters;
+                                         for PACKET, k uint32 words: k <= counts)
 
     A client ``Put``s meta and data into a slot whose word it has seen at 0, flushes,
     then publishes the word atomically; the shard reads the words atomically, ``sync``s,
@@ -237,6 +241,7 @@ class InboxWindow(Window):
     """
 
     META = ALIGN // WORD.itemsize  # one cache line of int64 words before the data
+    SAMPLES, WORDS, TAU = 0, 1, 2  # meta words
 
     def __init__(self, counts: dict[int, list[int]], depth: int, comm: MPI.Intracomm):
         self.counts, self.depth = counts, depth

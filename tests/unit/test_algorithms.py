@@ -47,3 +47,4 @@ def test_a_new_algorithm_registers_from_outside(tmp_path):
     assert algorithms.resolve(cfg).entry(WORKER) is not None
     with pytest.raises(ConfigError, match="has no shard role"):
         algorithms.get("test-noop").entry("shard")
+

@@ -50,6 +50,9 @@ def test_overrides_parse_toml_values():
         ("[train]\nmax_seconds = nan\n", "train.max_seconds must be finite"),
         ("[train]\nadagrad_eps = -1.0\n", "train.adagrad_eps must be positive"),
         ("[layout]\npartitions = 2\n", "model parallelism"),
+        ("[compression]\nfraction = 0.0\n", "compression.fraction = 0.0 is not in (0, 1]"),
+        ("[compression]\ntau = -1.0\n", "compression.tau must not be negative"),
+        ("[compression]\nenabled = 1\n", "compression.enabled must be bool"),
     ],
 )
 def test_bad_configs_name_the_key_and_file(tmp_path, text, needle):

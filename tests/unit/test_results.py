@@ -114,3 +114,20 @@ def test_series_grow_together(tmp_path):
     with h5py.File(tmp_path / "run.h5") as f:
         assert list(f["compression/ratio"][()]) == [100.0, 50.0, 20.0]
         assert np.isnan(f["compression/sent"][0]) and f["compression/sent"][2] == 20.0
+
+
+def test_series_buffers_rows_and_writes_them_in_chunks(tmp_path):
+    path = tmp_path / "run.h5"
+    with ResultWriter(path, {}) as w:
+        series = w.series("compression", ("step", "ratio"), chunk=4)
+        for step in range(6):
+            series.append({"step": step, "ratio": 100.0 + step})
+            written = len(h5py.File(path, "r", locking=False)["compression/step"]) \
+                if step >= 3 else 0
+            assert written == (4 if step >= 3 else 0), (step, written)  # one chunk at a time
+        series.extend({"step": np.array([10, 11])})  # the rest first, then these
+    with h5py.File(path) as f:
+        assert list(f["compression/step"][()]) == [0, 1, 2, 3, 4, 5, 10, 11]
+        ratio = f["compression/ratio"][()]
+        assert ratio[5] == 105.0 and np.isnan(ratio[6:]).all()
+        assert f["compression/step"].maxshape == (None,)
