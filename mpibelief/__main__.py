@@ -81,7 +81,9 @@ def _model_io(cfg) -> tuple[int, int]:
     if d.source == "fsdd":
         return d.n_mels * d.context, 10 * d.states_per_digit
     if d.source == "synthetic":
-        return d.n_inputs, d.n_classes
+        from mpibelief.data.synthetic import synthetic_inputs
+
+        return synthetic_inputs(d), d.n_classes
     from mpibelief.data import load_dataset
 
     data = load_dataset(d)

@@ -49,7 +49,13 @@ def test_overrides_parse_toml_values():
         ("[train]\nepochs = inf\n", "train.epochs must be finite"),
         ("[train]\nmax_seconds = nan\n", "train.max_seconds must be finite"),
         ("[train]\nadagrad_eps = -1.0\n", "train.adagrad_eps must be positive"),
-        ("[layout]\npartitions = 2\n", "model parallelism"),
+        ("[layout]\npartitions = 0\n", "layout.partitions must be at least 1"),
+        ('[model]\nkind = "image"\n', "needs model.input_shape"),
+        ('[model]\nkind = "image"\ninput_shape = [8, 8]\n', "model.input_shape must be"),
+        ('[model]\nkind = "image"\ninput_shape = [8, 8, 1]\npools = [1]\n',
+         "one per stage"),
+        ('[model]\nkind = "image"\ninput_shape = [8, 8, 1]\nlcn = 4\n', "model.lcn odd"),
+        ('[model]\noutput = "hinge"\n', "model.output = 'hinge' is not one of"),
     ],
 )
 def test_bad_configs_name_the_key_and_file(tmp_path, text, needle):
