@@ -66,13 +66,34 @@ def cmd_info(args, cfg) -> int:
     lay = layout_for(args.np, cfg)
     print(f"config: {args.config}  algorithm: {cfg.run.algorithm}  world: {lay.world} ranks")
     print(f"layout: {lay.shards} shards, {lay.replicas} replicas x {lay.partitions} partitions")
-    n_in, n_out = _model_io(cfg)
-    widths = [n_in] + [cfg.model.hidden] * cfg.model.layers + [n_out]
-    n_params = sum(a * b + b for a, b in zip(widths[:-1], widths[1:], strict=True))
-    print(f"model: {'-'.join(map(str, widths))} {cfg.model.activation},"
-          f" {n_params:,} parameters ({4 * n_params / 2**20:.1f} MiB float32)")
+    for line in model_lines(cfg, lay.partitions):
+        print(line)
     print(lay.table())
     return 0
+
+
+def model_lines(cfg, partitions: int) -> list[str]:
+    """The model's size and, per partition, its parameters and the activations it
+    sends per mini-batch (forward; backward sends as many gradients)."""
+    from mpibelief.model import Model
+    from mpibelief.plan import boundary_bytes
+    from mpibelief.train import model_summary
+
+    n_in, n_out = _model_io(cfg)
+    model = Model.from_config(cfg.model, n_in, n_out, allocate=False)
+    m = cfg.model
+    kind = (f"mlp, {m.activation}" if m.kind == "mlp" else
+            f"image, {m.units} units/location, {m.rf}x{m.rf} fields, {m.activation}")
+    lines = [f"model: {model_summary(model)}; {kind}, {m.output} output;"
+             f" {model.n_params:,} parameters ({4 * model.n_params / 2**20:.1f} MiB float32)"]
+    lay = model.layout(partitions)
+    sent = boundary_bytes(model, partitions, cfg.train.batch).sum(axis=(0, 2))
+    for p in range(partitions):
+        lo, hi = lay.partition(p)
+        lines.append(f"  partition {p}: {hi - lo:,} parameters [{lo:,}, {hi:,}),"
+                     f" sends {sent[p] / 2**20:.2f} MiB of activations per mini-batch of"
+                     f" {cfg.train.batch}")
+    return lines
 
 
 def _model_io(cfg) -> tuple[int, int]:

@@ -150,26 +150,33 @@ class Model:
         for layer in self.layers:
             layer.init(rng, scale)
 
-    def reorder(self, flat: np.ndarray, partitions: int, out: np.ndarray | None = None,
-                to_partitioned: bool = True) -> np.ndarray:
-        """Convert a flat vector between this model's order (one partition) and the
-        partition-major order of ``layout(partitions)``, in either direction."""
-        out = np.empty_like(flat) if out is None else out
-        lay = self.layout(partitions)
-        for (i, p), (lo, hi) in lay.ranges.items():
+    def to_layout(self, whole: np.ndarray, partitions: int,
+                  out: np.ndarray | None = None) -> np.ndarray:
+        """A flat vector in this model's order (one partition) rearranged into the
+        partition-major order of ``layout(partitions)``, as the shards hold it."""
+        out = np.empty_like(whole) if out is None else out
+        for at, part in self._pieces(whole, partitions):
+            out[at:at + part.size] = part.ravel()
+        return out
+
+    def from_layout(self, ordered: np.ndarray, partitions: int,
+                    out: np.ndarray | None = None) -> np.ndarray:
+        """The inverse of :meth:`to_layout`."""
+        out = np.empty_like(ordered) if out is None else out
+        for at, part in self._pieces(out, partitions):
+            part[...] = ordered[at:at + part.size].reshape(part.shape)
+        return out
+
+    def _pieces(self, whole: np.ndarray, partitions: int):
+        """``(offset in the partition-major vector, view of whole)`` for every piece."""
+        for (i, p), (lo, hi) in self.layout(partitions).ranges.items():
             layer = self.layers[i]
-            whole = flat if to_partitioned else out
             views = layer.views(whole[self.offsets[i]:self.offsets[i + 1]])
             at = lo
             for part in layer.piece(views, layer.tiles(partitions)[p]):
-                dst = (out if to_partitioned else flat)[at:at + part.size]
-                if to_partitioned:
-                    dst[...] = part.ravel()
-                else:
-                    part[...] = dst.reshape(part.shape)
+                yield at, part
                 at += part.size
             assert at == hi, (i, p, at, hi)
-        return out
 
     def _bufs(self, n: int):
         """Per-batch-size activations, their gradients and the output's buffers."""

@@ -22,8 +22,9 @@ from mpibelief.errors import ConfigError
 
 
 def model_summary(model) -> str:
-    widths = [model.n_inputs] + [layer.n_out for layer in model.layers]
-    return f"{'-'.join(map(str, widths))} ({model.n_params / 1e6:.2f}M parameters)"
+    shapes = ["x".join(map(str, s)) if s[:2] != (1, 1) else str(s[2])
+              for s in [model.input_shape] + [layer.out_shape for layer in model.layers]]
+    return f"{'-'.join(shapes)} ({model.n_params / 1e6:.2f}M parameters)"
 
 
 def result_path(cfg: Config, out: str | None) -> Path:
@@ -60,8 +61,12 @@ def run(cfg: Config, out: str | None = None) -> dict | None:
             f"train.batch = {cfg.train.batch} is more than the {per_replica} training rows"
             f" each of {lay.replicas} replica(s) gets: use a smaller batch or more data"
         )
-    model = Model.from_config(cfg.model, data.x_train.shape[1], data.n_classes)
-    model.init(cfg.run.seed, cfg.model.init_scale)
+    # A rank that holds one partition of a model builds only the description of the
+    # whole: each partition allocates and initialises its own piece (mpibelief.partition).
+    whole = lay.partitions == 1 or role.kind != layouts.WORKER
+    model = Model.from_config(cfg.model, data.x_train.shape[1], data.n_classes, whole)
+    if whole:
+        model.init(cfg.run.seed, cfg.model.init_scale)
 
     writer = None
     if role.coordinates:

@@ -7,9 +7,12 @@ One entry point per role, all over one :class:`~mpibelief.ps.server.ParameterSer
 - the coordinator loads the initial model into the shards, releases the replicas,
   samples and evaluates the parameters while they train, and writes the result file;
 - replicas pull, compute and push on their own shard of the data, each partition over
-  its own range of the parameters.  With ``downpour.warmstart_steps`` > 0, replica 0
-  first trains alone for that many steps and then releases the others, which start
-  from the shards' parameters.
+  its own range of the parameters.  With ``layout.partitions`` > 1 a replica is that
+  many ranks, each holding one partition (:mod:`mpibelief.partition`); the shards hold
+  the flat vector in partition-major order, which the coordinator converts to and
+  from the whole model's order when it loads and evaluates.  With
+  ``downpour.warmstart_steps`` > 0, replica 0 first trains alone for that many steps
+  and then releases the others, which start from the shards' parameters.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from mpibelief.coordinator import Coordinator
 from mpibelief.errors import ConfigError
 from mpibelief.layout import COORDINATOR, SHARD, WORKER
 from mpibelief.optim import Optimizer
+from mpibelief.partition import PartitionedModel
 from mpibelief.ps.server import ParameterServer
 from mpibelief.results import RankStats
 from mpibelief.worker import Replica
@@ -63,9 +67,13 @@ def replica(ctx) -> None:
     cfg, lay, role, comms = ctx.cfg, ctx.layout, ctx.role, ctx.comms
     ps = server(ctx)
     lo, hi = ctx.model.layout(lay.partitions).partition(role.partition)
+    model = ctx.model
+    if lay.partitions > 1:  # this rank's partition only; its range is all of its params
+        model, lo, hi = PartitionedModel(ctx.model, comms.replica), 0, None
     quiet_recv(comms.control, source=comms.coordinator, tag=Tag.START)
     data = ctx.data.shard(role.index, lay.replicas)
-    worker = Replica(ctx.rank, ctx.model, ps.client(), data, cfg.train, cfg.downpour,
+    # Every partition of a replica has the same seed, so they step on the same batches.
+    worker = Replica(ctx.rank, model, ps.client(), data, cfg.train, cfg.downpour,
                      seed=cfg.run.seed + 1 + role.index, clock=ctx.clock, lo=lo, hi=hi)
     deadline = ctx.clock.now() + (cfg.train.max_seconds or float("inf"))
     warm = cfg.downpour.warmstart_steps
@@ -84,12 +92,16 @@ def coordinate(ctx) -> dict:
     cfg, lay = ctx.cfg, ctx.layout
     ps = server(ctx)
     client = ps.client()
-    client.load(ctx.model.params)
+    P, model = lay.partitions, ctx.model
+    client.load(model.params if P == 1 else model.to_layout(model.params, P))
     workers = lay.worker_ranks()
     quiet_send(ctx.comms.control, None, workers, Tag.START)
+    flat = np.empty_like(model.params) if P > 1 else None  # the shards' order
 
     def snapshot(out: np.ndarray) -> tuple[int, int]:
-        updates = int(np.min(client.pull(out))) - 1  # versions count the initial load
+        updates = int(np.min(client.pull(out if flat is None else flat))) - 1  # not the load
+        if flat is not None:
+            model.from_layout(flat, P, out=out)
         return updates, replica_samples(ps.samples_applied()[1:], lay)
 
     shard_size = len(ctx.data.y_train) // lay.replicas

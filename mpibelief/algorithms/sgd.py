@@ -1,12 +1,17 @@
 """Single-replica mini-batch SGD: the paper's "SGD [1]" baseline.
 
-One process holds the whole model and the whole training set, steps through shuffled
-mini-batches and evaluates at a fixed interval of *training* time: the clock is paused
-while it evaluates, so accuracy-against-time curves compare with methods whose
-evaluation runs on a separate coordinator.
+One replica holds the whole training set, steps through shuffled mini-batches and
+evaluates at a fixed interval of *training* time: the clock is paused while it
+evaluates, so accuracy-against-time curves compare with methods whose evaluation runs
+on a separate coordinator.  The replica is one process, or ``layout.partitions`` ranks
+that each hold one partition of the model (:mod:`mpibelief.partition`): they step on
+the same mini-batches in lock step, evaluate together, and partition 0 (rank 0)
+decides when to evaluate and writes the results.
 """
 
 from __future__ import annotations
+
+import io
 
 import numpy as np
 
@@ -22,10 +27,10 @@ from mpibelief.results import RankStats
 
 def check(cfg) -> None:
     lay = cfg.layout
-    if (lay.shards, lay.replicas, lay.partitions) != (0, 1, 1):
+    if (lay.shards, lay.replicas) != (0, 1):
         raise ConfigError(
-            "run.algorithm = 'sgd' trains one replica of one partition with no shards:"
-            " set layout.shards = 0, layout.replicas = 1, layout.partitions = 1"
+            "run.algorithm = 'sgd' trains one replica (of layout.partitions ranks) with no"
+            " shards: set layout.shards = 0, layout.replicas = 1"
         )
 
 
@@ -34,9 +39,23 @@ def diverged(step: int) -> UserError:
                      " train.lr)")
 
 
+def replica_model(ctx):
+    """The whole model (one partition), or this rank's partition of it, initialised."""
+    if ctx.layout.partitions == 1:
+        return ctx.model
+    from mpibelief.partition import PartitionedModel
+
+    model = PartitionedModel(ctx.model, ctx.comms.replica)
+    model.init(ctx.cfg.run.seed, ctx.cfg.model.init_scale)
+    return model
+
+
 def train_sgd(ctx) -> dict:
-    """Train ``ctx.model`` in place; append metrics to ``ctx.writer``; return a summary."""
-    cfg, data, model, writer, clock = ctx.cfg, ctx.data, ctx.model, ctx.writer, ctx.clock
+    """Train the model (this rank's partition) in place; the coordinating rank appends
+    metrics to ``ctx.writer``; returns a summary."""
+    cfg, data, writer, clock = ctx.cfg, ctx.data, ctx.writer, ctx.clock
+    model = replica_model(ctx)
+    agree = getattr(model, "agree", lambda value: value)  # partition 0's clock rules
     train = cfg.train
     opt = Optimizer.from_config(train)
     state = opt.state(model.n_params)
@@ -44,7 +63,9 @@ def train_sgd(ctx) -> dict:
     rng = np.random.default_rng(cfg.run.seed + 1)
     steps_per_epoch = max(len(data.y_train) // train.batch, 1)
     total_steps = max(int(train.epochs * steps_per_epoch), 1)
-    progress = Progress(total_steps * train.batch, f"sgd[{cfg.run.name}]")
+    # Partitions other than the coordinating one report nowhere.
+    progress = Progress(total_steps * train.batch, f"sgd[{cfg.run.name}]",
+                        stream=None if writer else io.StringIO())
 
     elapsed, step, next_eval = 0.0, 0, 0.0
     row = _record(writer, evaluate(model), elapsed, 0)
@@ -54,7 +75,7 @@ def train_sgd(ctx) -> dict:
         loss, _ = model.loss_and_grad(data.x_train[idx], data.y_train[idx])
         if not np.isfinite(loss) or not opt.apply(model.params, model.grads, state):
             raise diverged(step)
-        elapsed += clock.now() - tick
+        elapsed = agree(elapsed + clock.now() - tick)
         step += 1
         done = step >= total_steps or 0 < train.max_seconds <= elapsed
         progress.update(train.batch)
@@ -66,14 +87,32 @@ def train_sgd(ctx) -> dict:
         if done:
             break
     progress.close()
-    samples = step * train.batch
-    writer.write_ranks([RankStats(ctx.rank, samples, elapsed, elapsed)])  # all compute
+    samples = step * train.batch  # per replica: every partition saw the same samples
+    waited = getattr(model, "wait_seconds", 0.0)
+    stats = RankStats(ctx.rank, samples, elapsed, elapsed - waited, 0.0, waited, 0, 0)
+    rows = _gather_rows(ctx, stats)
+    if writer is not None:
+        writer.write_ranks(rows)
     return {"steps": step, "train_seconds": elapsed, **row}
+
+
+def _gather_rows(ctx, stats: RankStats) -> list:
+    """Every partition's statistics on partition 0 (sleeping, not spinning, there)."""
+    if ctx.layout.partitions == 1:
+        return [stats]
+    from mpibelief.comm import Tag, quiet_recv, quiet_send
+
+    replica = ctx.comms.replica
+    if replica.rank:
+        quiet_send(replica, stats, [0], Tag.REPORT)
+        return []
+    return [stats] + [quiet_recv(replica, q, Tag.REPORT) for q in range(1, replica.size)]
 
 
 def _record(writer, figures: dict, elapsed: float, samples: int, updates: int = 0) -> dict:
     row = {"wall_seconds": elapsed, "samples": samples, "updates": updates, **figures}
-    writer.append_metrics(row)
+    if writer is not None:
+        writer.append_metrics(row)
     return row
 
 

@@ -58,7 +58,7 @@ class Teacher:
         # towards balance; the biases do the rest.
         self.w2 = w2 / np.linalg.norm(w2, axis=0)
         self.b2 = np.zeros(n_classes)
-        samples = min(BALANCE_SAMPLES, max(500, 20 * TEACHER_BUDGET // n_inputs))
+        samples = min(BALANCE_SAMPLES, max(500, 20 * TEACHER_BUDGET // max(n_inputs, n_classes)))
         self._balance(rng.standard_normal((samples, n_inputs)))
 
     def logits(self, x: np.ndarray) -> np.ndarray:
@@ -68,8 +68,9 @@ class Teacher:
     def labels(self, x: np.ndarray) -> np.ndarray:
         """Argmax labels, int32 ``(N,)``; computed in blocks to bound memory."""
         out = np.empty(len(x), np.int32)
-        for start in range(0, len(x), 65536):
-            out[start : start + 65536] = self.logits(x[start : start + 65536]).argmax(1)
+        block = min(65536, max(1, 2**24 // self.w2.shape[1]))  # at most 128 MiB of logits
+        for start in range(0, len(x), block):
+            out[start : start + block] = self.logits(x[start : start + block]).argmax(1)
         return out
 
     def _balance(self, x: np.ndarray) -> None:

@@ -42,7 +42,7 @@ def check(name: str, model: Model) -> None:
     P, rng = COMM.size, np.random.default_rng(7)
     model.init(seed=3)
     part = PartitionedModel(model, COMM)
-    ordered = model.reorder(model.params, P)
+    ordered = model.to_layout(model.params, P)
     part.init(seed=3)  # drawn layer by layer, as the whole model draws them
     np.testing.assert_array_equal(part.params, ordered[part.lo:part.hi], err_msg=name)
     x = rng.standard_normal((6, model.n_inputs)).astype(np.float32)
@@ -54,12 +54,12 @@ def check(name: str, model: Model) -> None:
     p_loss, p_correct = part.loss_and_grad(x, y)
     assert abs(p_loss - loss) <= 1e-5 * max(1.0, abs(loss)), (name, p_loss, loss)
     assert p_correct == correct, (name, p_correct, correct)
-    close(part.grads, model.reorder(model.grads, P)[part.lo:part.hi], f"{name} grads")
+    close(part.grads, model.to_layout(model.grads, P)[part.lo:part.hi], f"{name} grads")
     assert np.any(part.grads != 0) or part.n_params == 0, name
     e_loss, e_acc = model.evaluate(x, y, batch=4)
     p_eloss, p_eacc = part.evaluate(x, y, batch=4)
     assert abs(p_eloss - e_loss) <= 1e-5 * max(1.0, abs(e_loss)) and p_eacc == e_acc, name
-    back = model.reorder(ordered, P, to_partitioned=False)
+    back = model.from_layout(ordered, P)
     np.testing.assert_array_equal(back, model.params, err_msg=f"{name} reorder")
 
 
