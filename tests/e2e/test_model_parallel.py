@@ -1,0 +1,63 @@
+"""Model parallelism end to end: a replica over two ranks trains as one rank does.
+
+SGD is deterministic, so P = 2 must reproduce P = 1's metrics to float32 rounding (an
+image network: locally connected, pooling, LCN, logistic outputs).  Downpour is not
+(pulls race pushes), so its replicas of two partitions are held to P = 1's accuracy
+within a few points, and its sample counts to one count per replica, not per rank.
+"""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from tests.e2e.test_cli import SMALL, cli
+
+IMAGE = [
+    "--set", "data.source='synthetic'", "--set", "data.image_shape=[12, 12, 2]",
+    "--set", "data.n_classes=5", "--set", "data.n_train=512", "--set", "data.n_test=128",
+    "--set", "model.kind='image'", "--set", "model.input_shape=[12, 12, 2]",
+    "--set", "model.units=3", "--set", "model.rf=3", "--set", "model.strides=[1, 1]",
+    "--set", "model.pools=[2, 1]", "--set", "model.lcn=3", "--set", "model.output='logistic'",
+    "--set", "train.batch=32", "--set", "train.epochs=2.0", "--set", "train.eval_every=0.0",
+]
+
+
+def _metrics(path):
+    with h5py.File(path) as f:
+        assert f.attrs["status"] == "complete"
+        return {k: f[f"metrics/{k}"][()] for k in ("samples", "train_loss", "test_loss",
+                                                   "test_accuracy")}, f["ranks/samples"][()]
+
+
+def test_sgd_on_two_partitions_reproduces_one(tmp_path):
+    one = cli("train", "configs/sgd.toml", *IMAGE, "--out", tmp_path / "p1.h5")
+    assert one.returncode == 0, one.stderr
+    two = cli("train", "configs/sgd.toml", *IMAGE, "--set", "layout.partitions=2",
+              "--out", tmp_path / "p2.h5", np=2, mpi=True)
+    assert two.returncode == 0, two.stderr
+    (m1, ranks1), (m2, ranks2) = _metrics(tmp_path / "p1.h5"), _metrics(tmp_path / "p2.h5")
+    assert len(m1["samples"]) == len(m2["samples"]) > 10  # evaluated after every step
+    np.testing.assert_array_equal(m1["samples"], m2["samples"])
+    for key in ("train_loss", "test_loss", "test_accuracy"):
+        np.testing.assert_allclose(m2[key], m1[key], rtol=2e-4, atol=1e-5, err_msg=key)
+    assert m1["train_loss"][-1] < m1["train_loss"][0]  # it learnt something
+    assert list(ranks2) == [ranks1[0], ranks1[0]]  # each partition saw every sample
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_downpour_with_two_partitions_per_replica(tmp_path, replicas):
+    args = [*SMALL, "--set", "layout.shards=2", "--set", "downpour.warmstart_steps=0",
+            "--set", f"layout.replicas={replicas}", "--set", "train.max_seconds=0.0"]
+    base = cli("train", "configs/demo.toml", *args, "--out", tmp_path / "p1.h5",
+               np=3 + replicas, mpi=True)
+    assert base.returncode == 0, base.stderr
+    split = cli("train", "configs/demo.toml", *args, "--set", "layout.partitions=2",
+                "--out", tmp_path / "p2.h5", np=3 + 2 * replicas, mpi=True, timeout=180)
+    assert split.returncode == 0, split.stderr
+    (m1, _), (m2, ranks) = _metrics(tmp_path / "p1.h5"), _metrics(tmp_path / "p2.h5")
+    assert m2["samples"][-1] == m1["samples"][-1]  # per replica, not per rank
+    assert (ranks[3:] == m1["samples"][-1] // replicas).all()  # every partition, every step
+    assert m1["test_accuracy"][-1] > 0.6
+    assert abs(m2["test_accuracy"][-1] - m1["test_accuracy"][-1]) < 0.04, (m1, m2)
