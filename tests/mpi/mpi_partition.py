@@ -59,6 +59,12 @@ def check(name: str, model: Model) -> None:
     e_loss, e_acc = model.evaluate(x, y, batch=4)
     p_eloss, p_eacc = part.evaluate(x, y, batch=4)
     assert abs(p_eloss - e_loss) <= 1e-5 * max(1.0, abs(e_loss)) and p_eacc == e_acc, name
+    alone = PartitionedModel(model, None, partitions=P, index=COMM.rank)  # no exchange
+    alone.params[...] = part.params
+    a_loss, _ = alone.loss_and_grad(x, y)  # runs without peers (halos stay zero)
+    if P == 1:  # nothing crosses: alone is the whole model
+        close(alone.grads, part.grads, f"{name} alone")
+        assert abs(a_loss - loss) <= 1e-5 * max(1.0, abs(loss))
     back = model.from_layout(ordered, P)
     np.testing.assert_array_equal(back, model.params, err_msg=f"{name} reorder")
 
