@@ -213,8 +213,10 @@ class Model:
             self.layers[i].backward(inp, acts[i], dacts[i], dx)
         return float(loss), int(correct)
 
-    def evaluate(self, x: np.ndarray, y: np.ndarray, batch: int = 1024) -> tuple[float, float]:
+    def evaluate(self, x: np.ndarray, y: np.ndarray,
+                 batch: int | None = None) -> tuple[float, float]:
         """Mean loss and accuracy over a whole set, in batches (no gradients)."""
+        batch = batch or eval_batch(self)
         total_loss, total_correct = 0.0, 0
         for start in range(0, len(x), batch):
             xb, yb = x[start:start + batch], y[start:start + batch]
@@ -225,3 +227,10 @@ class Model:
             total_correct += int(correct)
         n = max(len(x), 1)
         return total_loss / n, total_correct / n
+
+
+def eval_batch(model, budget: int = 2**25) -> int:
+    """Evaluation batch: up to 1024 samples, fewer when activations are large (at most
+    ``budget`` floats of layer outputs for the whole stack: 128 MiB)."""
+    per_sample = sum(int(np.prod(layer.out_shape)) for layer in model.layers)
+    return int(max(1, min(1024, budget // max(per_sample, 1))))

@@ -33,6 +33,7 @@ from mpi4py import MPI
 from mpibelief import kernels
 from mpibelief.comm import poll
 from mpibelief.layers import Dense
+from mpibelief.model import eval_batch
 from mpibelief.plan import Plan, relative
 
 _TAG = 1000  # tags on the replica communicator: 1000 + 2 * layer (+1 backward)
@@ -323,9 +324,3 @@ class PartitionedModel:
         _wait([self.comm.Ibcast(buf, root=0)])
         return float(buf[0])
 
-
-def eval_batch(model, budget: int = 2**25) -> int:
-    """Evaluation batch: up to 1024 samples, fewer when activations are large (at most
-    ``budget`` floats of outputs for the whole stack)."""
-    per_sample = sum(int(np.prod(layer.out_shape)) for layer in model.layers)
-    return int(max(1, min(1024, budget // max(per_sample, 1))))

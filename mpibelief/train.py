@@ -63,7 +63,8 @@ def run(cfg: Config, out: str | None = None) -> dict | None:
         )
     # A rank that holds one partition of a model builds only the description of the
     # whole: each partition allocates and initialises its own piece (mpibelief.partition).
-    whole = lay.partitions == 1 or role.kind != layouts.WORKER
+    # (Shards need only its size; the coordinator evaluates the whole.)
+    whole = lay.partitions == 1 or role.kind == layouts.COORDINATOR
     model = Model.from_config(cfg.model, data.x_train.shape[1], data.n_classes, whole)
     if whole:
         model.init(cfg.run.seed, cfg.model.init_scale)
