@@ -191,10 +191,17 @@ class LocallyConnected(Layer):
         self.dw, self.db = self.views(grads)
 
     def init(self, rng, scale):
-        std = scale * _GAIN.get(self.activation or "tanh", 1.0) / np.sqrt(self.k)
-        for row in self.w:  # a row of locations at a time: no float64 copy of it all
-            row[...] = rng.standard_normal(row.shape, dtype=np.float32) * np.float32(std)
+        for row, values in zip(self.w, self.init_rows(rng, scale), strict=True):
+            row[...] = values
         self.b[...] = 0.0
+
+    def init_rows(self, rng, scale):
+        """The initial weights one row of locations at a time, so that a partition can
+        keep its tile's part of each row without ever holding the whole layer."""
+        std = np.float32(scale * _GAIN.get(self.activation or "tanh", 1.0) / np.sqrt(self.k))
+        for _ in range(self.out_shape[0]):
+            yield rng.standard_normal((self.out_shape[1], self.k, self.units),
+                                      dtype=np.float32) * std
 
     def forward(self, x, out):
         kernels.lc_forward(x, self.w, self.b, self.rf, self.stride, out)

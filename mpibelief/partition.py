@@ -32,7 +32,7 @@ from mpi4py import MPI
 
 from mpibelief import kernels
 from mpibelief.comm import poll
-from mpibelief.layers import Dense
+from mpibelief.layers import Dense, LocallyConnected
 from mpibelief.model import eval_batch
 from mpibelief.plan import Plan, relative
 
@@ -84,17 +84,26 @@ class PartitionedModel:
         """The weights the whole model's ``init(seed, scale)`` gives this partition:
         each layer is drawn whole (one at a time) and this partition's piece kept."""
         rng = np.random.default_rng(seed)
-        at = 0
-        for i, whole in enumerate(self.model.layers):
-            if not whole.size:
-                continue
-            layer, values = copy.copy(whole), np.zeros(whole.size, np.float32)
-            layer.bind(values, values)
-            layer.init(rng, scale)
-            for part in whole.piece(whole.views(values), self.plan.tiles[i][self.p]):
-                self.params[at:at + part.size] = part.ravel()
-                at += part.size
-            del values
+        for i, (whole, mine) in enumerate(zip(self.model.layers, self.layers, strict=True)):
+            tile = self.plan.tiles[i][self.p]
+            if isinstance(whole, LocallyConnected):  # row by row: 1.7B would not fit twice
+                for oy, row in enumerate(whole.init_rows(rng, scale)):
+                    if tile[0] <= oy < tile[1]:
+                        mine.w[oy - tile[0]] = row[tile[2]:tile[3]]
+                if mine.size:
+                    mine.b[...] = 0.0
+            elif whole.size:
+                layer, values = copy.copy(whole), np.zeros(whole.size, np.float32)
+                layer.bind(values, values)
+                layer.init(rng, scale)
+                at = self._offset(i)
+                for part, local in zip(whole.piece(whole.views(values), tile),
+                                       mine.views(self.params[at:at + mine.size]), strict=True):
+                    local[...] = part
+
+    def _offset(self, i: int) -> int:
+        """Where local layer ``i`` starts in :attr:`params`."""
+        return sum(layer.size for layer in self.layers[:i])
 
     # ------------------------------------------------------------------ buffers
 
@@ -245,7 +254,9 @@ class PartitionedModel:
         picked = np.zeros(n)
         picked[rows] = logits[rows, cols]
         sums = self._allreduce(np.stack([e.sum(axis=1, dtype=np.float64), picked]), MPI.SUM)
-        loss = float(np.mean(np.log(sums[0]) + gmax - sums[1]))
+        # The sum is >= 1 (the maximum's own term) except for a partition computing
+        # alone (comm None) that owns no class: keep its meaningless loss finite.
+        loss = float(np.mean(np.log(np.maximum(sums[0], 1e-300)) + gmax - sums[1]))
         np.divide(e, (sums[0] * n)[:, None].astype(np.float32), out=dlogits)
         dlogits[rows, cols] -= np.float32(1.0 / n)
         return loss, correct
