@@ -61,3 +61,18 @@ def test_downpour_with_two_partitions_per_replica(tmp_path, replicas):
     assert (ranks[3:] == m1["samples"][-1] // replicas).all()  # every partition, every step
     assert m1["test_accuracy"][-1] > 0.6
     assert abs(m2["test_accuracy"][-1] - m1["test_accuracy"][-1]) < 0.04, (m1, m2)
+
+
+@pytest.mark.parametrize(("config", "count"), [
+    ("speech", "41,777,152"), ("images_80m", "79,279,041"), ("images_330m", "335,560,891"),
+    ("images_1700m", "1,687,741,141")])
+def test_info_prints_the_paper_sized_models_and_their_split(config, count):
+    result = cli("info", "--np", "3", f"configs/{config}.toml", "--set", "layout.partitions=3")
+    assert result.returncode == 0, result.stderr
+    assert f"{count} parameters" in result.stdout
+    split = [line for line in result.stdout.splitlines() if line.strip().startswith("partition")]
+    assert len(split) == 3
+    sizes = [int(line.split(":")[1].split("parameters")[0].replace(",", "")) for line in split]
+    assert sum(sizes) == int(count.replace(",", ""))
+    # Balanced to a row of locations: 82 rows in 3 tiles are 28, 27, 27 (3% apart).
+    assert max(sizes) - min(sizes) < 0.05 * max(sizes)
