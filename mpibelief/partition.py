@@ -17,6 +17,13 @@ backward, it computes the input gradient first, sends it, and computes the weigh
 gradient while the messages travel.  The output's loss needs only three allreduces of
 one value per sample (max, sums, first arg-max), not the logits.
 
+Locally connected layers do not overlap, by measurement: at P = 2 the 330M image
+model sends 4 MiB per partition per mini-batch, which MPICH's shared memory moves in
+1-4 ms (a 4 MiB Sendrecv between two ranks here), against 170-280 ms of waiting per
+mini-batch of about 6 s; the wait is for the slower partition, not for the bytes, and
+MPICH moves a large message only inside MPI calls, which a Numba kernel does not make.
+Splitting the tile into interior and border calls would cost more copies than it hides.
+
 Waiting never spins: every wait is a test-and-sleep loop (:func:`mpibelief.comm.poll`),
 because a spinning rank steals the core its peer computes on.  With ``comm=None`` the
 partition computes alone (no exchange: halos keep whatever they hold), which is how
