@@ -40,6 +40,11 @@ def _parser() -> argparse.ArgumentParser:
 
     train = with_config("train", "train as the config says (alone or under mpiexec)")
     train.add_argument("--out", help="result file (default: RESULTS_DIR/RUN_NAME.h5)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace an existing result file (never one a live job writes)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in the result file from its newest valid"
+                            " checkpoint (RESULT.ckpt/)")
     info = with_config("info", "print the rank/role table and model size for a world size")
     info.add_argument("--np", type=int, required=True, help="the world size to check")
     with_config("data", "build (or check) the feature cache and describe the data")
@@ -54,18 +59,25 @@ def _parser() -> argparse.ArgumentParser:
 def cmd_train(args, cfg) -> int:
     from mpibelief.train import run
 
-    run(cfg, args.out)
-    return 0
+    summary = run(cfg, args.out, overwrite=args.overwrite, resume=args.resume)
+    stopped = bool(summary) and summary.get("status", "").startswith("stopped")
+    return 143 if stopped else 0  # 128 + SIGTERM: the run did not finish
 
 
 def cmd_info(args, cfg) -> int:
     from mpibelief import algorithms
     from mpibelief.layout import layout_for
+    from mpibelief.model import Model
 
     algorithms.resolve(cfg)
     lay = layout_for(args.np, cfg)
     print(f"config: {args.config}  algorithm: {cfg.run.algorithm}  world: {lay.world} ranks")
     print(f"layout: {lay.shards} shards, {lay.replicas} replicas x {lay.partitions} partitions")
+    n_in, n_out = _model_io(cfg)
+    n_params = Model.size_of(cfg.model, n_in, n_out)
+    if cfg.layout.shards > n_params:
+        raise ConfigError(f"layout.shards = {cfg.layout.shards} is more than the model's"
+                          f" {n_params} parameters: every shard needs at least one")
     for line in model_lines(cfg, lay.partitions):
         print(line)
     print(lay.table())
@@ -149,11 +161,19 @@ def _world():
     return mpi.COMM_WORLD.rank, mpi.COMM_WORLD.size
 
 
-def _fail(message: str, code: int, everywhere: bool) -> int:
+def _fail(message: str, code: int, everywhere: bool, quiet_off_root: bool = False) -> int:
+    """Print the one line (on rank 0 only when every rank finds it) and end the job.
+
+    ``quiet_off_root``: every rank may have met it (Ctrl-C reaches them all), but any
+    rank alone might too: only rank 0 prints, yet every rank still aborts.
+    """
     rank, size = _world()
-    if rank == 0 or not everywhere:
+    if rank == 0 or not (everywhere or quiet_off_root):
         print(f"mpibelief: error: {message}", file=sys.stderr, flush=True)
     if size > 1 and not everywhere:
+        from mpibelief.guard import send_notice
+
+        send_notice("failed", message)  # the coordinator records it in the result file
         # MPI_Abort tears the job down at once, and Hydra drops whatever its proxy has
         # not yet forwarded from our stderr pipe: give it a moment to pass the line on.
         time.sleep(ABORT_GRACE_SECONDS)
@@ -176,7 +196,7 @@ def main(argv=None) -> int:
     except UserError as exc:
         return _fail(str(exc), 2, everywhere=False)
     except KeyboardInterrupt:
-        return _fail("interrupted", 130, everywhere=False)
+        return _fail("interrupted (SIGINT)", 130, everywhere=False, quiet_off_root=True)
     except Exception:
         if _world()[1] == 1:
             raise

@@ -30,8 +30,11 @@ class Tag(IntEnum):
     REPORT = 17  # a rank's closing statistics, to the coordinator
     WARMSTART = 18  # replica 0 releases the others after training alone
     START = 19  # the coordinator releases the replicas once the shards hold the model
+    STOP = 20  # the coordinator tells a replica to stop training and report
     COMMAND = 23  # a command for a shard's serve loop (see mpibelief.ps.shard)
     REPLY = 24  # a shard's answer to a command
+    NOTICE = 25  # on the WORLD communicator: a rank tells the coordinator it is failing
+    # or received SIGTERM (see mpibelief.train); the coordinator listens in a thread
 
 
 class Backoff:
@@ -101,9 +104,19 @@ def quiet_barrier(comm: MPI.Comm, max_sleep: float = 0.002) -> None:
 
 
 def quiet_recv(comm: MPI.Comm, source: int = MPI.ANY_SOURCE, tag: int = Tag.REPORT,
-               max_sleep: float = 0.002):
-    """Receive one pickled control message without spinning."""
-    return quiet_wait(comm.irecv(source=source, tag=tag), max_sleep)
+               max_sleep: float = 0.002, timeout: float | None = None):
+    """Receive one pickled control message without spinning.
+
+    Raises:
+        TimeoutError: when ``timeout`` seconds pass first (the receive is cancelled).
+    """
+    request = comm.irecv(source=source, tag=tag)
+    try:
+        return quiet_wait(request, max_sleep, timeout)
+    except TimeoutError:
+        request.Cancel()
+        request.Wait()  # complete the cancelled receive (uppercase: no unpickling)
+        raise
 
 
 def quiet_send(comm: MPI.Comm, obj, dests, tag: int) -> None:

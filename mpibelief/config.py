@@ -115,6 +115,39 @@ class DownpourConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    """Checkpoints (``<result>.ckpt/``): written every ``every`` seconds of training
+    (0: only on SIGUSR1 and SIGTERM); the newest ``keep`` are kept."""
+
+    every: float = 0.0
+    keep: int = 3
+
+
+@dataclass(frozen=True)
+class FaultsConfig:
+    """Fault detection, and fault injection for tests and experiments.
+
+    ``replica_timeout``: a replica that applies nothing for this many seconds is declared
+    failed and the run goes on without it (0: never).  ``stall_seconds``: any wait on
+    another rank longer than this ends the job with a message naming that rank.
+    Injection (rank or replica -1: none): replica ``stop_replica`` stops after
+    ``stop_after`` seconds (``stop_mode`` "exit": its loop ends; "hang": it stops
+    answering); rank ``slow_rank`` computes ``slow_factor`` times slower; rank
+    ``kill_rank`` kills itself with SIGKILL after ``kill_after`` seconds.
+    """
+
+    replica_timeout: float = 0.0
+    stall_seconds: float = 120.0
+    stop_replica: int = -1
+    stop_after: float = 0.0
+    stop_mode: str = "exit"
+    slow_rank: int = -1
+    slow_factor: float = 1.0
+    kill_rank: int = -1
+    kill_after: float = 0.0
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole experiment: one attribute per TOML table."""
 
@@ -124,6 +157,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     downpour: DownpourConfig = field(default_factory=DownpourConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
     def to_toml(self) -> str:
         """The resolved config as TOML text, stored in every result file."""
@@ -141,6 +176,7 @@ _CHOICES = {
     ("train", "optimizer"): OPTIMIZERS,
     ("model", "activation"): ACTIVATIONS,
     ("data", "source"): SOURCES,
+    ("faults", "stop_mode"): ("exit", "hang"),
     ("model", "kind"): ("mlp", "image"),
     ("model", "output"): ("softmax", "logistic"),
 }
@@ -229,6 +265,7 @@ def _check(config: Config, source: str) -> None:
         ("layout", "partitions"), ("model", "hidden"), ("run", "threads"),
         ("data", "states_per_digit"), ("data", "context"), ("data", "n_mels"),
         ("train", "batch"), ("downpour", "n_fetch"), ("downpour", "n_push"),
+        ("checkpoint", "keep"),
     ]
     for table, key in positive:
         if getattr(getattr(config, table), key) < 1:
@@ -236,7 +273,9 @@ def _check(config: Config, source: str) -> None:
     non_negative = [
         ("layout", "shards"), ("layout", "replicas"), ("model", "layers"), ("train", "epochs"),
         ("train", "max_seconds"), ("train", "eval_every"), ("train", "eval_samples"),
-        ("downpour", "warmstart_steps"),
+        ("downpour", "warmstart_steps"), ("run", "seed"), ("data", "seed"),
+        ("checkpoint", "every"), ("faults", "replica_timeout"), ("faults", "stop_after"),
+        ("faults", "kill_after"),
     ]
     for table, key in non_negative:
         if getattr(getattr(config, table), key) < 0:
@@ -245,6 +284,13 @@ def _check(config: Config, source: str) -> None:
         for key, value in dataclasses.asdict(getattr(config, table.name)).items():
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"{source}: {table.name}.{key} must be finite, got {value}")
+    name = config.run.name
+    if not name.strip() or "/" in name or name in (".", ".."):
+        raise ConfigError(f"{source}: run.name = {name!r} must be a plain, non-empty file"
+                          " name (it names the result file)")
+    if config.faults.slow_factor < 1 or config.faults.stall_seconds <= 0:
+        raise ConfigError(f"{source}: faults.slow_factor must be >= 1 and"
+                          " faults.stall_seconds positive")
     if config.train.lr <= 0:
         raise ConfigError(f"{source}: train.lr must be positive")
     if config.train.adagrad_eps <= 0:

@@ -25,6 +25,9 @@ class RunContext:
         writer: the :class:`~mpibelief.results.ResultWriter` on the coordinating rank,
             else None.
         clock: :class:`~mpibelief.clock.WallClock`, or a virtual clock in simulation.
+        signals: the :class:`~mpibelief.signals.Signals` flags (SIGTERM, SIGUSR1).
+        checkpoints: the run's checkpoint folder (``<result>.ckpt``).
+        resume: the checkpoint being resumed (its manifest state), or None.
     """
 
     cfg: Any
@@ -35,6 +38,9 @@ class RunContext:
     model: Any
     writer: Any
     clock: Any
+    signals: Any = None
+    checkpoints: Any = None
+    resume: dict | None = None
 
     @property
     def role(self):

@@ -129,6 +129,11 @@ class Model:
         """The parameter layout for a replica split into ``partitions`` ranks."""
         return ParamLayout.of(self.layers, partitions)
 
+    @staticmethod
+    def size_of(cfg, n_inputs: int, n_classes: int) -> int:
+        """Parameters the model of ``cfg`` would have, without allocating it."""
+        return Model.from_config(cfg, n_inputs, n_classes, allocate=False).n_params
+
     @classmethod
     def from_config(cls, cfg, n_inputs: int, n_classes: int, allocate: bool = True) -> Model:
         """Build from a :class:`mpibelief.config.ModelConfig` (``kind`` mlp or image)."""

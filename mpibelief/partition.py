@@ -333,12 +333,11 @@ class PartitionedModel:
         n = max(len(x), 1)
         return total_loss / n, total_correct / n
 
-    def agree(self, value: float) -> float:
-        """Partition 0's ``value`` on every partition (for decisions all must share,
-        such as when to evaluate)."""
+    def agree(self, *values: float) -> tuple:
+        """Partition 0's ``values`` on every partition (for decisions all must share,
+        such as when to evaluate or stop), in one broadcast."""
         if self.comm is None:
-            return value
-        buf = np.array([value], np.float64)
+            return values
+        buf = np.array(values, np.float64)
         _wait([self.comm.Ibcast(buf, root=0)])
-        return float(buf[0])
-
+        return tuple(float(v) for v in buf)

@@ -19,7 +19,6 @@ pushes a last partial sum.  The store is anything with the parameter client's me
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,7 +63,7 @@ class Replica:
     """
 
     def __init__(self, rank: int, model, store, data, train, downpour, seed: int, clock,
-                 lo: int = 0, hi: int | None = None):
+                 lo: int = 0, hi: int | None = None, injector=None):
         self.model, self.store, self.data, self.clock = model, store, data, clock
         hi = model.n_params if hi is None else hi
         self.params, self.grads = model.params[lo:hi], model.grads[lo:hi]
@@ -75,7 +74,12 @@ class Replica:
         self.accum = np.zeros_like(self.grads) if self.n_push > 1 else None
         self.versions = None
         self.unpushed = 0  # steps computed since the last push
-        self.fault_step = _injected_fault(rank)
+        self.injector = injector
+
+    def skip(self, steps: int) -> None:
+        """Fast-forward the batch order by ``steps`` (resuming: the same batches follow)."""
+        for _ in range(steps):
+            next(self.batches)
 
     def fetch(self) -> None:
         """Pull the current parameters of this partition from the store."""
@@ -119,8 +123,6 @@ class Replica:
         phase on a virtual clock); :meth:`step` runs them back to back.
         """
         s = self.stats
-        if s.steps == self.fault_step:
-            raise RuntimeError(f"fault injected on rank {s.rank} at step {s.steps}")
         if s.steps % self.n_fetch == 0:
             self.fetch()
             yield "fetch"
@@ -135,13 +137,20 @@ class Replica:
         for _ in self.phases():
             pass
 
-    def train(self, steps: int, deadline: float = float("inf")) -> None:
-        """Run ``steps`` steps (fewer if ``deadline``, a clock time, passes)."""
+    def train(self, steps: int, deadline: float = float("inf"), stop=None) -> None:
+        """Run ``steps`` steps; fewer if ``deadline`` (a clock time) passes or ``stop()``.
+
+        After each step the injector (if any) applies a due fault: it may slow the
+        replica, stop it (:class:`~mpibelief.faults.ReplicaStoppedError`) or kill it.
+        """
         for _ in range(steps):
             tick = self.clock.now()
-            if tick >= deadline:
+            if tick >= deadline or (stop is not None and stop()):
                 break
+            compute = self.stats.compute_seconds
             self.step()
+            if self.injector is not None:
+                self.injector.after_step(self.stats.steps, self.stats.compute_seconds - compute)
             self.stats.train_seconds += self.clock.now() - tick
 
     def finish(self) -> WorkerStats:
@@ -152,14 +161,3 @@ class Replica:
         # A partitioned model also waits for its peer partitions (boundary exchange).
         self.stats.wait_seconds = cs.wait_seconds + getattr(self.model, "wait_seconds", 0.0)
         return self.stats
-
-
-def _injected_fault(rank: int) -> int:
-    """The step at which to fail, from ``MPIBELIEF_INJECT_FAULT=RANK:STEP``, else -1.
-
-    Fault injection for resilience tests: proves that a rank dying mid-run ends the
-    whole job promptly with its message, instead of leaving its peers waiting.
-    """
-    spec = os.environ.get("MPIBELIEF_INJECT_FAULT", "")
-    target, _, step = spec.partition(":")
-    return int(step or 0) if target.strip() == str(rank) else -1

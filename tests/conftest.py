@@ -45,7 +45,7 @@ def run_job(args, np: int = 1, timeout: float = 120, cwd=None, env=None, mpi: bo
         pytest.fail(f"job timed out after {timeout}s: {' '.join(cmd)}\n{exc.stdout}\n{exc.stderr}")
 
 
-SPAWNING = ("e2e", "mpi")  # test folders whose tests spawn mpiexec jobs
+SPAWNING = ("e2e", "mpi", "slurm")  # test folders whose tests spawn mpiexec jobs
 
 
 def pytest_collection_modifyitems(items) -> None:

@@ -15,6 +15,7 @@ import io
 
 import numpy as np
 
+from mpibelief import checkpoint
 from mpibelief.algorithms import Algorithm, register
 from mpibelief.coordinator import Evaluator
 from mpibelief.data import batches
@@ -52,48 +53,105 @@ def replica_model(ctx):
 
 def train_sgd(ctx) -> dict:
     """Train the model (this rank's partition) in place; the coordinating rank appends
-    metrics to ``ctx.writer``; returns a summary."""
+    metrics to ``ctx.writer``; returns a summary.
+
+    Checkpoints (every ``checkpoint.every`` seconds, on SIGUSR1, and on SIGTERM before
+    stopping) hold the parameters, the optimiser state and the step; resuming replays
+    the batch order to that step, so the run goes on exactly where it was.  A replica
+    of several partitions writes none yet: it stops on SIGTERM without one, and
+    ``--resume`` refuses it.
+    """
     cfg, data, writer, clock = ctx.cfg, ctx.data, ctx.writer, ctx.clock
+    split = ctx.layout.partitions > 1
+    if split and ctx.resume is not None:
+        raise ConfigError("--resume of sgd over several partitions is not built yet (its"
+                          " checkpoints are not written)")
     model = replica_model(ctx)
-    agree = getattr(model, "agree", lambda value: value)  # partition 0's clock rules
+    # Partition 0's clock and signals decide for every partition (a broadcast each).
+    agree = getattr(model, "agree", lambda *values: values)
     train = cfg.train
     opt = Optimizer.from_config(train)
     state = opt.state(model.n_params)
     evaluate = Evaluator(data, train.eval_samples, cfg.run.seed)
-    rng = np.random.default_rng(cfg.run.seed + 1)
+    order = batches(len(data.y_train), train.batch, np.random.default_rng(cfg.run.seed + 1))
     steps_per_epoch = max(len(data.y_train) // train.batch, 1)
     total_steps = max(int(train.epochs * steps_per_epoch), 1)
     # Partitions other than the coordinating one report nowhere.
     progress = Progress(total_steps * train.batch, f"sgd[{cfg.run.name}]",
                         stream=None if writer else io.StringIO())
-
-    elapsed, step, next_eval = 0.0, 0, 0.0
-    row = _record(writer, evaluate(model), elapsed, 0)
-    progress.update(0, test_acc=row["test_accuracy"])
-    for idx in batches(len(data.y_train), train.batch, rng):
+    elapsed, step, stopped, row = 0.0, 0, None, None
+    if ctx.resume is not None:
+        elapsed, step = _restore(ctx, state), ctx.resume["step"]
+        for _ in range(step):
+            next(order)
+    else:
+        row = _record(writer, evaluate(model), elapsed, 0)
+        progress.update(0, test_acc=row["test_accuracy"])
+    every = (cfg.checkpoint.every or float("inf")) if not split else float("inf")
+    next_eval, next_ckpt, started = elapsed, elapsed + every, clock.now()
+    for idx in order:
+        (wall,) = agree(clock.now() - started)
+        if step >= total_steps or 0 < train.max_seconds <= wall:
+            break
         tick = clock.now()
         loss, _ = model.loss_and_grad(data.x_train[idx], data.y_train[idx])
         if not np.isfinite(loss) or not opt.apply(model.params, model.grads, state):
             raise diverged(step)
-        elapsed = agree(elapsed + clock.now() - tick)
+        elapsed, wall, terminate = agree(elapsed + clock.now() - tick, clock.now() - started,
+                                         float(ctx.signals.terminate.is_set()))
         step += 1
-        done = step >= total_steps or 0 < train.max_seconds <= elapsed
         progress.update(train.batch)
+        done = step >= total_steps or 0 < train.max_seconds <= wall
         if elapsed >= next_eval or done:
             next_eval = elapsed + train.eval_every
             row = _record(writer, evaluate(model), elapsed, step * train.batch, step)
             progress.update(0, loss=loss, test_acc=row["test_accuracy"],
                             train_acc=row["train_accuracy"])
-        if done:
+        if terminate:
+            stopped = "none" if split else _checkpoint(ctx, model, state, elapsed, step)
             break
+        if not split and (elapsed >= next_ckpt or ctx.signals.take_checkpoint()):
+            _checkpoint(ctx, model, state, elapsed, step)
+            next_ckpt = elapsed + every
     progress.close()
     samples = step * train.batch  # per replica: every partition saw the same samples
     waited = getattr(model, "wait_seconds", 0.0)
-    stats = RankStats(ctx.rank, samples, elapsed, elapsed - waited, 0.0, waited, 0, 0)
-    rows = _gather_rows(ctx, stats)
+    rows = _gather_rows(ctx, RankStats(ctx.rank, samples, elapsed, elapsed - waited, 0.0,
+                                       waited, 0, 0))
     if writer is not None:
         writer.write_ranks(rows)
-    return {"steps": step, "train_seconds": elapsed, **row}
+    if row is None or row["updates"] != step:  # stopped between two evaluations
+        row = _record(writer, evaluate(model), elapsed, step * train.batch, step)
+    summary = {"steps": step, "train_seconds": elapsed, **row}
+    if stopped is not None:
+        summary["status"] = ("stopped: SIGTERM (no checkpoint: sgd over partitions writes"
+                             " none yet)" if split else
+                             f"stopped: SIGTERM (checkpoint {stopped} written; --resume)")
+    return summary
+
+
+def _checkpoint(ctx, model, state, elapsed: float, step: int) -> int:
+    arrays = {"params": model.params} if state is None else {"params": model.params,
+                                                             "opt_state": state}
+    number = max(checkpoint.numbers(ctx.checkpoints), default=0) + 1
+    sha = checkpoint.write_part(ctx.checkpoints, number, 0, arrays)
+    checkpoint.write_manifest(ctx.checkpoints, number, {
+        "config": ctx.cfg.to_toml(), "algorithm": "sgd", "n_params": model.n_params,
+        "wall_seconds": elapsed, "metrics_rows": ctx.writer.rows(), "step": step},
+        [sha], ctx.cfg.checkpoint.keep)
+    print(f"mpibelief: wrote checkpoint {number} at {elapsed:.1f} s", flush=True)
+    return number
+
+
+def _restore(ctx, state) -> float:
+    """Load the checkpoint being resumed; returns its training seconds."""
+    arrays, _ = checkpoint.read_part(ctx.checkpoints, ctx.resume["number"], 0)
+    ctx.model.params[:] = arrays["params"]
+    if state is not None:
+        state[:] = arrays["opt_state"]
+    ctx.writer.set_attrs({"resumed_from": ctx.resume["number"], "resume_params_sha256":
+                          checkpoint.digest({"params": ctx.model.params})})
+    return float(ctx.resume["wall_seconds"])
 
 
 def _gather_rows(ctx, stats: RankStats) -> list:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mpibelief.errors import UserError
 from mpibelief.results import read_metrics
 
 
@@ -38,10 +37,7 @@ def plot_accuracy(runs: list[str], out: str | None = None) -> Path:
     loaded = []
     for run in runs:
         path = Path(run)
-        try:
-            loaded.append((path, *read_metrics(path)))
-        except (OSError, KeyError) as exc:
-            raise UserError(f"cannot read result file {path}: {exc}") from None
+        loaded.append((path, *read_metrics(path)))
     longest = max((float(m["wall_seconds"].max(initial=0)) for _, _, m in loaded), default=0)
     scale, unit = time_unit(longest)
     for i, (path, attrs, m) in enumerate(loaded):

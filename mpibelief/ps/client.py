@@ -24,6 +24,7 @@ import numpy as np
 
 from mpibelief.clock import WallClock
 from mpibelief.comm import poll
+from mpibelief.errors import UserError
 from mpibelief.layout import Part
 from mpibelief.optim import all_finite
 from mpibelief.ps.state import GRADIENT, LOAD, REFUSED, ClientStats
@@ -38,14 +39,17 @@ class ParameterClient:
         parts: the shards this client's range meets (:func:`parts_of`).
         index: this rank's client index (its inbox slots), or None: pull only.
         size: the length of the client's range.
+        stall_seconds: a wait for a shard longer than this raises a one-line error
+            naming the shard (None: wait for ever).
 
     Attributes:
         check_finite: check the whole gradient before a push (default: with > 1 shard).
     """
 
     def __init__(self, params: ParamWindow, inbox: InboxWindow, parts: list[Part],
-                 index: int | None, size: int, clock=None):
+                 index: int | None, size: int, clock=None, stall_seconds: float | None = None):
         self.params, self.inbox, self.parts = params, inbox, parts
+        self.stall_seconds = stall_seconds
         self.index, self.n_params = index, size
         self.clock = clock or WallClock()
         self.next_slot = [0] * len(parts)
@@ -176,7 +180,12 @@ class ParameterClient:
         def empty() -> bool:
             return not any(self.inbox.read_word(rank, off) for off in offsets)
 
-        self.stats.wait_seconds += poll(empty, low=10e-6, high=1e-3)
+        try:
+            self.stats.wait_seconds += poll(empty, low=10e-6, high=1e-3,
+                                            timeout=self.stall_seconds)
+        except TimeoutError:
+            raise UserError(f"shard rank {rank} has not taken a push for"
+                            f" {self.stall_seconds:g} s (stalled or stopped?)") from None
 
     def _check(self, array: np.ndarray, name: str) -> None:
         if array.dtype != np.float32 or array.shape != (self.n_params,):

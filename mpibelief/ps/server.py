@@ -48,16 +48,19 @@ class ParameterServer:
             cache: 1 MiB push 108 vs 125 us measured); ``bench/rma.py --depth 2``
             shows the back-to-back stream that a deeper inbox overlaps.
         clock: what the shard loop and the clients time themselves with.
+        stall_seconds: how long a client waits for a shard before it gives up with an
+            error naming the shard (None: for ever).
     """
 
     def __init__(self, comm, n_params: int, shard_ranks: list[int], client_ranks: list[int],
                  optimizer: Optimizer, *, ranges: list[tuple[int, int]] | None = None,
-                 buffers: int = 2, depth: int = 1, clock=None):
+                 buffers: int = 2, depth: int = 1, clock=None,
+                 stall_seconds: float | None = None):
         ranges = ranges or [(0, n_params)] * len(client_ranks)
         _check_ranks(comm, n_params, shard_ranks, client_ranks, ranges, buffers, depth)
         self.comm, self.n_params, self.optimizer = comm, n_params, optimizer
         self.shard_ranks, self.client_ranks = list(shard_ranks), list(client_ranks)
-        self.ranges, self.clock = list(ranges), clock
+        self.ranges, self.clock, self.stall_seconds = list(ranges), clock, stall_seconds
         self.slices = shard_slices(n_params, len(shard_ranks))
         self.client_parts = [parts_of(lo, hi, self.shard_ranks, self.slices)
                              for lo, hi in ranges]
@@ -87,11 +90,11 @@ class ParameterServer:
         self.optimizer.warm()  # compile before the first timed push
         return ShardServer(self.params, self.inbox, state, self.ctl, offsets, self.clock)
 
-    def serve(self) -> ShardStats:
+    def serve(self, tick=None) -> ShardStats:
         """Apply pushes and run commands until ``stop()``; on shard ranks only."""
         if self.shard is None:
             raise RuntimeError(f"rank {self.comm.Get_rank()} is not a shard")
-        return self.shard.serve()
+        return self.shard.serve(tick)
 
     def command(self, name: str, *args, shards: list[int] | None = None,
                 reply: bool = False) -> list | None:
@@ -134,8 +137,13 @@ class ParameterServer:
                 index, (lo, hi) = None, (0, self.n_params)
                 parts = parts_of(0, self.n_params, self.shard_ranks, self.slices)
             self._clients[rank] = ParameterClient(self.params, self.inbox, parts, index,
-                                                  hi - lo, self.clock)
+                                                  hi - lo, self.clock, self.stall_seconds)
         return self._clients[rank]
+
+    def versions(self) -> np.ndarray:
+        """Every shard's current version, read atomically (any non-shard rank)."""
+        return np.array([self.params.read_word(r, ParamWindow.CURRENT)
+                         for r in self.shard_ranks], np.int64)
 
     def samples_applied(self) -> np.ndarray:
         """Samples applied per client, read live from the shards (any non-shard rank).

@@ -22,12 +22,16 @@ in push order, which makes Adagrad deterministic for a single client).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 from mpi4py import MPI
 
+from mpibelief import checkpoint
 from mpibelief.clock import WallClock
 from mpibelief.comm import Backoff, Tag, poll
+from mpibelief.errors import UserError
 from mpibelief.ps.state import GRADIENT, ShardState, ShardStats
 from mpibelief.ps.window import InboxWindow, ParamWindow, decode_slot
 
@@ -50,7 +54,9 @@ class ShardServer:
         self.expect = [0] * inbox.clients  # next slot of each client, in fill order
         self.first = 0  # client scanned first, rotated for fairness
         self.stopping = False
-        self.commands: dict[str, Callable] = {"stop": self._stop}
+        self.commands: dict[str, Callable] = {"stop": self._stop,
+                                              "checkpoint": self._checkpoint,
+                                              "restore": self._restore}
 
     def register(self, name: str, handler: Callable) -> None:
         """Add a command: ``handler(source, *args)``; a non-None return is the reply."""
@@ -59,7 +65,36 @@ class ShardServer:
     def _stop(self, source: int) -> None:
         self.stopping = True
 
-    def serve(self) -> ShardStats:
+    def _checkpoint(self, source: int, folder: str, number: int) -> str:
+        """Write this shard's part of checkpoint ``number``; reply its checksum or error."""
+        arrays, counters = self.state.snapshot()
+        try:
+            return checkpoint.write_part(Path(folder), number, self.state.stats.shard, arrays,
+                                         {"counters": json.dumps(counters)})
+        except OSError as exc:
+            return f"error: shard {self.state.stats.shard} (rank {self.rank}): {exc}"
+
+    def _restore(self, source: int, folder: str, number: int) -> str:
+        """Load this shard's part of checkpoint ``number`` and publish it; reply "ok".
+
+        Only before any replica starts (``--resume``): nobody pulls or pushes meanwhile.
+        """
+        shard = self.state.stats.shard
+        try:
+            arrays, attrs = checkpoint.read_part(Path(folder), number, shard)
+            self.wait_unread(self.state.version % self.params.buffers)
+            self.params.sync()
+            self.state.restore(arrays, json.loads(attrs["counters"]))
+        except (UserError, ValueError, KeyError) as exc:
+            return f"error: shard {shard} (rank {self.rank}): {exc}"
+        p = self.params
+        p.sync()  # the restored buffer is complete before its version is published
+        p.write_word(self.state.version, self.rank, ParamWindow.CURRENT)
+        for client, samples in enumerate(self.state.samples):  # the words start at 0
+            p.fetch_and_op(int(samples), self.rank, p.samples_offset(client))
+        return "ok"
+
+    def serve(self, tick: Callable[[], None] | None = None) -> ShardStats:
         """Apply pushes and run commands until ``stop``; returns the shard's statistics.
 
         Idle, it sleeps between polls (200 us growing to 1 ms), and every poll enters
@@ -68,22 +103,25 @@ class ShardServer:
         its next push (measured: a 1 MiB push fell from about 0.65 to 0.45-0.6 of raw
         ``Get`` speed with 50 us), while a replica's step takes milliseconds anyway.
         After ``stop`` it drains every push already published, so a push that returned
-        before ``stop`` was sent is always applied.
+        before ``stop`` was sent is always applied.  ``tick()``, if given, is called once
+        per loop (the algorithm's hook, e.g. to pass on a signal).
         """
         stats, clock = self.state.stats, self.clock
         backoff = Backoff(low=200e-6, high=1e-3)
         cpu, wall = clock.cpu(), clock.now()
         while True:
-            tick = clock.now()
+            start = clock.now()
+            if tick is not None:
+                tick()
             self.dispatch()
             if self.poll():
-                stats.busy_seconds += clock.now() - tick
+                stats.busy_seconds += clock.now() - start
                 backoff.reset()
                 continue
             if self.stopping:
                 break
             backoff.sleep()
-            stats.idle_seconds += clock.now() - tick
+            stats.idle_seconds += clock.now() - start
         stats.cpu_seconds += clock.cpu() - cpu
         stats.wall_seconds += clock.now() - wall
         self.stopping = False

@@ -140,6 +140,32 @@ class ShardState:
             stats.record_staleness(max(stats.version - 1 - version, 0))
         return True
 
+    def snapshot(self) -> tuple[dict, dict]:
+        """The arrays and counters a checkpoint needs (copies: the shard goes on)."""
+        arrays = {"params": self.current.copy()}
+        if self.opt_state is not None:
+            arrays["opt_state"] = self.opt_state.copy()
+        st = self.stats
+        counters = {"version": st.version, "applied": st.applied, "refused": st.refused,
+                    "bytes_in": st.bytes_in, "samples": self.samples.tolist(),
+                    "staleness": st.staleness.tolist()}
+        return arrays, counters
+
+    def restore(self, arrays: dict, counters: dict) -> None:
+        """Become the state a :meth:`snapshot` recorded; the caller publishes the version."""
+        if arrays["params"].shape != self.current.shape:
+            raise ValueError(f"checkpoint slice of {arrays['params'].size} parameters for a"
+                             f" shard of {self.current.size}")
+        st = self.stats
+        st.version = int(counters["version"])
+        self.current[:] = arrays["params"]
+        if self.opt_state is not None:
+            self.opt_state[:] = arrays["opt_state"]
+        st.applied, st.refused = int(counters["applied"]), int(counters["refused"])
+        st.bytes_in = int(counters["bytes_in"])
+        st.staleness = np.array(counters["staleness"], np.int64)
+        self.samples[:] = counters["samples"]
+
     def _write(self, data: np.ndarray, lo: int, rule: Optimizer | None) -> bool:
         """Write the next version: ``data`` applied (or copied) on its range, the rest kept."""
         cur, out = self.current, self.target

@@ -24,6 +24,8 @@ LAYERS = {  # module prefix -> layer; the longest matching prefix wins
     "mpibelief.algorithms": 3,
     "mpibelief.train": 4,  # entry points and what only they use
     "mpibelief.__main__": 4,
+    "mpibelief.guard": 4,
+    "mpibelief.janitor": 4,
     "mpibelief.plots": 4,
     "mpibelief.simulate": 4,
 }

@@ -1,0 +1,87 @@
+"""Marks a result file failed when its job is killed before it can say so itself.
+
+``mpiexec`` ends every rank with SIGKILL as soon as one dies, and SIGKILL cannot be
+caught: the coordinator never gets to write ``status = failed``.  So the coordinator
+starts this small watcher, in a session of its own (so the launcher's kill misses it),
+with the pids of the ranks on its host.  It polls them; when the coordinator is gone
+and the file still says ``running``, it records which rank died first and when, and
+says so on the job's standard error (which it shares with the coordinator).
+Run: ``python -m mpibelief.janitor RESULT.h5 '{"rank": pid, ...}'`` (done by train.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import sys
+import time
+
+import h5py
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie, dead but not yet reaped by the launcher, counts as dead)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
+def watch(path: str, pids: dict[int, int], coordinator: int) -> None:
+    """Wait (asleep, in ``poll(2)`` on pidfds) until the coordinator is gone.
+
+    The launcher kills the other ranks within milliseconds of the first death; a pidfd
+    wakes this process at the first one, so the rank that died first is usually the
+    only one found dead; when several are, all are named.
+    """
+    fds = {}
+    for rank, pid in pids.items():
+        try:
+            fds[os.pidfd_open(pid)] = rank
+        except OSError:  # already gone
+            fds[-1 - rank] = rank
+    poller = select.poll()
+    for fd in fds:
+        if fd >= 0:
+            poller.register(fd, select.POLLIN)
+    first_dead, when = [], ""
+    while alive(pids[coordinator]):
+        ready = poller.poll(1000)
+        if not first_dead and ready:
+            first_dead = sorted(fds[fd] for fd, _ in ready)
+            when = time.strftime("%H:%M:%S")
+        for fd, _ in ready:
+            poller.unregister(fd)
+    report(path, first_dead or [coordinator], when or time.strftime("%H:%M:%S"))
+
+
+def report(path: str, first_dead: list[int], when: str) -> None:
+    """Mark the file failed (if it still says running) and say so on stderr."""
+    who = (f"rank {first_dead[0]}" if len(first_dead) == 1
+           else f"one of ranks {first_dead}")
+    message = f"{who} died at {when} (killed or crashed) and the job was ended"
+    try:
+        with h5py.File(path, "r+", locking=False) as f:
+            if f.attrs.get("status") != "running":
+                return  # the run said how it ended itself
+            f.attrs["status"] = f"failed: {message}"
+    except OSError:
+        return  # the file went away or is unreadable: nothing to mark
+    print(f"mpibelief: error: {message}; {path} records it", file=sys.stderr, flush=True)
+
+
+def main() -> None:
+    path, pids = sys.argv[1], {int(k): int(v) for k, v in json.loads(sys.argv[2]).items()}
+    watch(path, pids, int(sys.argv[3]) if len(sys.argv) > 3 else 0)
+
+
+if __name__ == "__main__":
+    main()

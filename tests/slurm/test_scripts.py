@@ -1,0 +1,84 @@
+"""The batch scripts as text, and the campaign driver's plan: no Slurm needed.
+
+What must hold for the scripts to run unchanged on any cluster: they pass shellcheck,
+state their resources, and name no machine, partition or account.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import BIN, REPO
+
+SLURM = REPO / "slurm"
+SCRIPTS = sorted(SLURM.glob("*.sbatch"))
+ENV = {**os.environ, "MPIBELIEF_PYTHON": sys.executable,
+       "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+@pytest.mark.skipif(not shutil.which("shellcheck"), reason="shellcheck is not installed")
+def test_scripts_are_shellcheck_clean():
+    files = [f"slurm/{p.name}" for p in SCRIPTS] + ["slurm/common.sh", "slurm/campaign.sh"]
+    result = subprocess.run(["shellcheck", "-x", *files], cwd=REPO, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_every_script_states_its_resources(script):
+    directives = dict(re.findall(r"^#SBATCH --([a-z-]+)=(\S+)", script.read_text(), re.M))
+    for key in ("job-name", "nodes", "ntasks", "cpus-per-task", "time", "output"):
+        assert key in directives, key
+    assert re.search(r"%j|%A_%a", directives["output"]), directives["output"]
+    assert not {"partition", "account", "nodelist"} & set(directives)
+    assert not re.search(r"^#SBATCH +-[pAw]\b", script.read_text(), re.M)
+
+
+def test_nothing_names_this_machine():
+    host = socket.gethostname()
+    for path in SLURM.iterdir():
+        text = path.read_text() if path.is_file() else ""
+        assert not re.search(rf"\b{re.escape(host)}\b", text), path.name
+        assert "/work/" not in text, path.name
+
+
+def dry_run(*args: str):
+    return subprocess.run([str(SLURM / "campaign.sh"), "-d", *args], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_campaign_plans_one_array_per_config_and_a_plot_after_it():
+    result = dry_run("-n", "plan", "-s", "layout.replicas=1,2,4", "configs/demo.toml")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "sweep dry1_[0-2] configs/demo.toml layout.replicas=1,2,4 (7 tasks each) -> results/plan/",
+        "plot dry2 after dry1 -> results/plan/accuracy.png",
+    ]
+    sweep, plot = result.stderr.splitlines()
+    assert "--ntasks=7 --array=0-2" in sweep and "sweep.sbatch --out-dir results/plan" in sweep
+    assert "--dependency=afterok:dry1" in plot
+    assert plot.endswith(" ".join(f"results/plan/demo-layout.replicas-{r}.h5" for r in (1, 2, 4)))
+
+
+def test_campaign_gives_each_run_its_world():
+    result = dry_run("-n", "plan", "-o", "--requeue", "configs/sgd.toml", "configs/demo.toml@7",
+                     "--", "--set", "train.epochs=2.0")
+    assert result.returncode == 0, result.stderr
+    sgd, demo, plot = result.stderr.splitlines()
+    assert "--ntasks=1 " in sgd and "--ntasks=7 " in demo
+    assert "--requeue" in sgd and "--requeue" in demo and "--requeue" not in plot
+    assert "--set train.epochs=2.0 --out results/plan/demo-7.h5" in demo
+    assert "--dependency=afterok:dry1:dry2" in plot
+
+
+def test_campaign_refuses_a_config_without_a_size():
+    result = dry_run("-n", "plan", "configs/demo.toml")  # layout.replicas = 0 fills the world
+    assert result.returncode == 2
+    assert result.stderr.startswith("mpibelief: error: layout.replicas = 0 fills the world")
