@@ -76,3 +76,19 @@ def test_info_prints_the_paper_sized_models_and_their_split(config, count):
     assert sum(sizes) == int(count.replace(",", ""))
     # Balanced to a row of locations: 82 rows in 3 tiles are 28, 27, 27 (3% apart).
     assert max(sizes) - min(sizes) < 0.05 * max(sizes)
+
+
+@pytest.mark.parametrize("algorithm", ["sgd", "downpour"])
+def test_partitions_stop_together_at_the_deadline(tmp_path, algorithm):
+    """train.max_seconds ends every partition at the same step (partition 0 decides):
+    one that stopped alone would leave its peers waiting for a boundary forever."""
+    layout = (["--set", "layout.shards=1", "--set", "downpour.warmstart_steps=0"]
+              if algorithm == "downpour" else [])
+    result = cli("train", f"configs/{'demo' if algorithm == 'downpour' else 'sgd'}.toml",
+                 *SMALL, *layout, "--set", "layout.partitions=2", "--set", "train.epochs=500.0",
+                 "--set", "train.max_seconds=3.0", "--out", tmp_path / "x.h5",
+                 np=4 if algorithm == "downpour" else 2, mpi=True, timeout=90)
+    assert result.returncode == 0, result.stderr
+    _, ranks = _metrics(tmp_path / "x.h5")
+    workers = ranks[2:] if algorithm == "downpour" else ranks
+    assert workers[0] == workers[1] > 0  # the same steps on both partitions
