@@ -78,15 +78,38 @@ def cmd_info(args, cfg) -> int:
     print(f"config: {args.config}  algorithm: {cfg.run.algorithm}  world: {lay.world} ranks")
     print(f"layout: {lay.shards} shards, {lay.replicas} replicas x {lay.partitions} partitions")
     n_in, n_out = _model_io(cfg)
-    widths = [n_in] + [cfg.model.hidden] * cfg.model.layers + [n_out]
     n_params = Model.size_of(cfg.model, n_in, n_out)
     if cfg.layout.shards > n_params:
         raise ConfigError(f"layout.shards = {cfg.layout.shards} is more than the model's"
                           f" {n_params} parameters: every shard needs at least one")
-    print(f"model: {'-'.join(map(str, widths))} {cfg.model.activation},"
-          f" {n_params:,} parameters ({4 * n_params / 2**20:.1f} MiB float32)")
+    for line in model_lines(cfg, lay.partitions):
+        print(line)
     print(lay.table())
     return 0
+
+
+def model_lines(cfg, partitions: int) -> list[str]:
+    """The model's size and, per partition, its parameters and the activations it
+    sends per mini-batch (forward; backward sends as many gradients)."""
+    from mpibelief.model import Model
+    from mpibelief.plan import boundary_bytes
+    from mpibelief.train import model_summary
+
+    n_in, n_out = _model_io(cfg)
+    model = Model.from_config(cfg.model, n_in, n_out, allocate=False)
+    m = cfg.model
+    kind = (f"mlp, {m.activation}" if m.kind == "mlp" else
+            f"image, {m.units} units/location, {m.rf}x{m.rf} fields, {m.activation}")
+    lines = [f"model: {model_summary(model)}; {kind}, {m.output} output;"
+             f" {model.n_params:,} parameters ({4 * model.n_params / 2**20:.1f} MiB float32)"]
+    lay = model.layout(partitions)
+    sent = boundary_bytes(model, partitions, cfg.train.batch).sum(axis=(0, 2))
+    for p in range(partitions):
+        lo, hi = lay.partition(p)
+        lines.append(f"  partition {p}: {hi - lo:,} parameters [{lo:,}, {hi:,}),"
+                     f" sends {sent[p] / 2**20:.2f} MiB of activations per mini-batch of"
+                     f" {cfg.train.batch}")
+    return lines
 
 
 def _model_io(cfg) -> tuple[int, int]:
@@ -95,7 +118,9 @@ def _model_io(cfg) -> tuple[int, int]:
     if d.source == "fsdd":
         return d.n_mels * d.context, 10 * d.states_per_digit
     if d.source == "synthetic":
-        return d.n_inputs, d.n_classes
+        from mpibelief.data.synthetic import synthetic_inputs
+
+        return synthetic_inputs(d), d.n_classes
     from mpibelief.data import load_dataset
 
     data = load_dataset(d)

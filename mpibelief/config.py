@@ -45,12 +45,28 @@ class LayoutConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A fully connected stack: ``layers`` hidden layers of ``hidden`` units each."""
+    """The network.
 
+    ``kind = "mlp"``: ``layers`` hidden layers of ``hidden`` units each (the speech
+    network).  ``kind = "image"``: the paper's image network over inputs of
+    ``input_shape`` ``[H, W, C]``: one stage per entry of ``strides``, each a locally
+    connected layer of ``rf x rf`` fields with ``units`` per location, max pooling by the
+    stage's entry of ``pools`` (1: none) and local contrast normalisation over ``lcn x
+    lcn`` windows (0: none).  ``output``: softmax, or one-vs-all logistic units.
+    """
+
+    kind: str = "mlp"
     hidden: int = 512
     layers: int = 2
     activation: str = "relu"
     init_scale: float = 1.0
+    output: str = "softmax"
+    input_shape: list = field(default_factory=list)
+    units: int = 8
+    rf: int = 10
+    strides: list = field(default_factory=lambda: [1, 1, 1])
+    pools: list = field(default_factory=lambda: [1, 3, 2])
+    lcn: int = 5
 
 
 @dataclass(frozen=True)
@@ -72,6 +88,7 @@ class DataConfig:
     n_inputs: int = 440
     n_classes: int = 50
     seed: int = 0
+    image_shape: list = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -203,6 +220,8 @@ _CHOICES = {
     ("model", "activation"): ACTIVATIONS,
     ("data", "source"): SOURCES,
     ("faults", "stop_mode"): ("exit", "hang"),
+    ("model", "kind"): ("mlp", "image"),
+    ("model", "output"): ("softmax", "logistic"),
 }
 
 
@@ -324,14 +343,10 @@ def _check(config: Config, source: str) -> None:
     if config.train.adagrad_eps <= 0:
         raise ConfigError(f"{source}: train.adagrad_eps must be positive")
     _check_compression(config.compression, source)
-    if config.layout.partitions != 1:
-        raise ConfigError(
-            f"{source}: layout.partitions = {config.layout.partitions}: model parallelism"
-            " (one replica over several ranks) is not built yet; use 1"
-        )
     sb = config.sandblaster
     if not 0 < sb.c1 < sb.c2 < 1:
         raise ConfigError(f"{source}: sandblaster needs 0 < c1 < c2 < 1 (Wolfe conditions)")
+    _check_image(config, source)
     if config.data.context % 2 == 0:
         raise ConfigError(f"{source}: data.context must be odd (centre frame plus both sides)")
 
@@ -343,6 +358,27 @@ def _check_compression(comp: CompressionConfig, source: str) -> None:
             raise ConfigError(f"{source}: compression.{key} = {value} is not in (0, 1]")
     if comp.warmup_epochs <= 0:
         raise ConfigError(f"{source}: compression.warmup_epochs must be positive")
+
+
+def _check_image(config: Config, source: str) -> None:
+    """Shapes of the image network and of synthetic images."""
+    m, d = config.model, config.data
+    for key, value, length in (("model.input_shape", m.input_shape, 3),
+                               ("data.image_shape", d.image_shape, 3)):
+        if value and (len(value) != length or not all(
+                isinstance(v, int) and v >= 1 for v in value)):
+            raise ConfigError(f"{source}: {key} must be [H, W, C] of positive integers")
+    if m.kind != "image":
+        return
+    if not m.input_shape:
+        raise ConfigError(f"{source}: model.kind = 'image' needs model.input_shape = [H, W, C]")
+    if len(m.strides) != len(m.pools) or not m.strides or not all(
+            isinstance(v, int) and v >= 1 for v in [*m.strides, *m.pools]):
+        raise ConfigError(f"{source}: model.strides and model.pools must be lists of"
+                          " positive integers, one per stage")
+    if m.units < 1 or m.rf < 1 or m.lcn < 0 or (m.lcn and m.lcn % 2 == 0):
+        raise ConfigError(f"{source}: model.units and model.rf must be at least 1 and"
+                          " model.lcn odd (or 0 for none)")
 
 
 def _apply_override(raw: dict, item: str) -> None:

@@ -398,3 +398,198 @@ def lc_backward(x, w, dy, rf, stride, dx, dw, db):
             if U % 4:
                 dw[oy, ox] = dpad[:U]
         _strip_rows(dx3, c0, L, Hu, dstrip, True)
+
+
+# ------------------------------------------------- pooling, normalisation, logistic
+# The image networks' other layers (after Le et al. 2012, the paper's image models):
+# max pooling over non-overlapping k x k blocks, local contrast normalisation over an
+# m x m window of every channel, and one-vs-all logistic outputs.  All NHWC.
+
+
+@_jit
+def maxpool_forward(x, k, out):
+    """``out[i, oy, ox, c] = max(x[i, oy*k:+k, ox*k:+k, c])``; trailing rows/cols that
+    do not fill a block are dropped.  ``out (n, H // k, W // k, C)``."""
+    n, H, W, C = x.shape
+    OH, OW = H // k, W // k
+    if k < 1 or out.shape != (n, OH, OW, C):
+        raise ValueError("maxpool: out must be (n, H // k, W // k, C), k >= 1")
+    for i in range(n):
+        for oy in range(OH):
+            for ox in range(OW):
+                o = out[i, oy, ox]
+                o[:] = x[i, oy * k, ox * k]
+                for dy in range(k):
+                    for dx in range(k):
+                        v = x[i, oy * k + dy, ox * k + dx]
+                        for c in range(C):
+                            if v[c] > o[c]:
+                                o[c] = v[c]
+
+
+@_jit
+def maxpool_backward(x, y, dy, k, dx):
+    """Gradient of :func:`maxpool_forward`: each block's ``dy`` goes to the first
+    position (row-major within the block) that holds the maximum; ``dx`` is zeroed."""
+    n, OH, OW, C = y.shape
+    if dx.shape != x.shape or dy.shape != y.shape or x.shape[1] // k != OH:
+        raise ValueError("maxpool_backward: dx like x, dy like y")
+    dx[...] = 0.0
+    for i in range(n):
+        for oy in range(OH):
+            for ox in range(OW):
+                for c in range(C):
+                    target = y[i, oy, ox, c]
+                    done = False
+                    for ddy in range(k):
+                        for ddx in range(k):
+                            if not done and x[i, oy * k + ddy, ox * k + ddx, c] == target:
+                                dx[i, oy * k + ddy, ox * k + ddx, c] = dy[i, oy, ox, c]
+                                done = True
+
+
+@_jit
+def _lcn_stats(xp, m, i, S1, S2):
+    """Box sums over ``m x m`` windows and every channel of sample ``i``: ``S1`` of
+    values, ``S2`` of squares, both ``(h, w)`` float64 (float32 sums cancel badly)."""
+    _, Hp, Wp, C = xp.shape
+    h, w = Hp - m + 1, Wp - m + 1
+    col1 = np.zeros((Hp, w))
+    col2 = np.zeros((Hp, w))
+    for y in range(Hp):
+        p1 = np.zeros(Wp)
+        p2 = np.zeros(Wp)
+        for x in range(Wp):
+            v = xp[i, y, x]
+            for c in range(C):
+                p1[x] += v[c]
+                p2[x] += v[c] * v[c]
+        for x in range(w):
+            a, b = 0.0, 0.0
+            for d in range(m):
+                a += p1[x + d]
+                b += p2[x + d]
+            col1[y, x], col2[y, x] = a, b
+    for y in range(h):
+        for x in range(w):
+            a, b = 0.0, 0.0
+            for d in range(m):
+                a += col1[y + d, x]
+                b += col2[y + d, x]
+            S1[y, x], S2[y, x] = a, b
+
+
+@_jit
+def lcn_forward(xp, m, eps, out):
+    """Local contrast normalisation over ``m x m`` windows of all channels, NHWC.
+
+    ``xp (n, h+m-1, w+m-1, C)`` is the input zero-padded by ``m // 2`` on every side
+    (the caller pads, so a partition can pass its window with its neighbours' halo);
+    ``out (n, h, w, C)``.  With ``N = m*m*C``, ``mu`` and ``var`` the window's mean and
+    variance, ``out = (x_centre - mu) / sqrt(eps + var)``: subtractive and divisive
+    normalisation in one window (Jarrett et al. 2009 with a box window; ``eps`` is the
+    floor their ``max(c, sigma)`` provides).
+    """
+    n, Hp, Wp, C = xp.shape
+    r = m // 2
+    h, w = Hp - 2 * r, Wp - 2 * r
+    if m < 1 or m % 2 == 0 or out.shape != (n, h, w, C):
+        raise ValueError("lcn: m odd and out (n, H - m + 1, W - m + 1, C)")
+    N = m * m * C
+    S1 = np.empty((h, w))
+    S2 = np.empty((h, w))
+    for i in range(n):
+        _lcn_stats(xp, m, i, S1, S2)
+        for y in range(h):
+            for x in range(w):
+                mu = S1[y, x] / N
+                s = 1.0 / np.sqrt(eps + S2[y, x] / N - mu * mu)
+                v = xp[i, y + r, x + r]
+                o = out[i, y, x]
+                for c in range(C):
+                    o[c] = (v[c] - mu) * s
+
+
+@_jit
+def lcn_backward(xp, m, eps, dy, dxp):
+    """Gradient of :func:`lcn_forward` with respect to the padded input ``xp``.
+
+    Per window: ``dmu = -s*sum(dy) - 2*mu*dvar`` and ``dvar = -s**3/2 * sum(dy*(x-mu))``
+    spread over the window as ``dmu/N + 2*dvar/N * x``, plus ``dy*s`` at the centre.
+    ``dxp`` (shape of ``xp``) is overwritten; its padding receives gradient too (the
+    caller drops or forwards it).
+    """
+    n, Hp, Wp, C = xp.shape
+    r = m // 2
+    h, w = Hp - 2 * r, Wp - 2 * r
+    if dy.shape != (n, h, w, C) or dxp.shape != xp.shape:
+        raise ValueError("lcn_backward: dy like out, dxp like xp")
+    N = m * m * C
+    S1 = np.empty((h, w))
+    S2 = np.empty((h, w))
+    A = np.empty((h, w))
+    B = np.empty((h, w))
+    for i in range(n):
+        _lcn_stats(xp, m, i, S1, S2)
+        for y in range(h):
+            for x in range(w):
+                mu = S1[y, x] / N
+                s = 1.0 / np.sqrt(eps + S2[y, x] / N - mu * mu)
+                v, g = xp[i, y + r, x + r], dy[i, y, x]
+                g1, g2 = 0.0, 0.0
+                for c in range(C):
+                    g1 += g[c]
+                    g2 += g[c] * (v[c] - mu)
+                dvar = -0.5 * s * s * s * g2
+                A[y, x] = (-s * g1 - 2.0 * mu * dvar) / N
+                B[y, x] = 2.0 * dvar / N
+        _lcn_spread(xp, m, i, A, B, dxp)
+        for y in range(h):
+            for x in range(w):
+                mu = S1[y, x] / N
+                s = 1.0 / np.sqrt(eps + S2[y, x] / N - mu * mu)
+                g, d = dy[i, y, x], dxp[i, y + r, x + r]
+                for c in range(C):
+                    d[c] += g[c] * s
+
+
+@_jit
+def _lcn_spread(xp, m, i, A, B, dxp):
+    """``dxp[i, p, c] = sum over windows containing p of (A + B * xp[i, p, c])``."""
+    _, Hp, Wp, C = xp.shape
+    h, w = A.shape
+    for y in range(Hp):
+        for x in range(Wp):
+            a, b = 0.0, 0.0
+            for oy in range(max(0, y - m + 1), min(h, y + 1)):
+                for ox in range(max(0, x - m + 1), min(w, x + 1)):
+                    a += A[oy, ox]
+                    b += B[oy, ox]
+            v, d = xp[i, y, x], dxp[i, y, x]
+            for c in range(C):
+                d[c] = a + b * v[c]
+
+
+@_jit
+def logistic_xent(logits, labels, offset, probs, dlogits):
+    """One-vs-all logistic outputs: column ``j`` is class ``offset + j``.
+
+    ``probs = sigmoid(logits)``; the loss is the mean over rows of the summed binary
+    cross-entropies (target 1 for the row's label, 0 elsewhere); ``dlogits`` its
+    gradient, ``(probs - target) / n``.  ``offset`` lets a partition that holds
+    classes ``offset..offset+k-1`` compute its share of the loss (shares add up).
+
+    Returns:
+        the loss share as a float.
+    """
+    n, k = logits.shape
+    total = 0.0
+    for i in range(n):
+        t = labels[i] - offset
+        for j in range(k):
+            z = logits[i, j]
+            p = 1.0 / (1.0 + np.exp(-z))
+            probs[i, j] = p
+            total += max(z, 0.0) + np.log1p(np.exp(-abs(z))) - (z if j == t else 0.0)
+            dlogits[i, j] = (p - (1.0 if j == t else 0.0)) / n
+    return total / n

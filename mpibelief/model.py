@@ -14,60 +14,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from mpibelief import kernels
-from mpibelief.layout import shard_slices
+from mpibelief.layers import LCN, Dense, LocallyConnected, MaxPool
 
-_ACTIVATIONS = {
-    "sigmoid": (kernels.sigmoid_forward, kernels.sigmoid_backward),
-    "tanh": (kernels.tanh_forward, kernels.tanh_backward),
-    "relu": (kernels.relu_forward, kernels.relu_backward),
-}
-# Weight scale per activation, times 1/sqrt(fan_in): He for relu, LeCun otherwise.
-_GAIN = {"relu": np.sqrt(2.0), "tanh": 1.0, "sigmoid": 1.0}
+__all__ = ["LOSSES", "Dense", "Model", "ParamLayout", "image_stack", "mlp_stack"]
 
-
-class Dense:
-    """A fully connected layer ``y = x @ w + b``, optionally followed by an activation."""
-
-    def __init__(self, n_in: int, n_out: int, activation: str | None):
-        self.n_in, self.n_out, self.activation = n_in, n_out, activation
-        self.size = n_in * n_out + n_out
-
-    def partition_sizes(self, partitions: int) -> list[int]:
-        """Parameters each partition owns: the layer's output units split as evenly as
-        possible (a unit's weights and bias go with the unit)."""
-        return [self.n_in * (u.stop - u.start) + (u.stop - u.start)
-                for u in shard_slices(self.n_out, partitions)]
-
-    def bind(self, params: np.ndarray, grads: np.ndarray) -> None:
-        """Point the layer's weights and gradients at its slice of the flat vectors."""
-        n_w = self.n_in * self.n_out
-        self.w = params[:n_w].reshape(self.n_in, self.n_out)
-        self.b = params[n_w:]
-        self.dw = grads[:n_w].reshape(self.n_in, self.n_out)
-        self.db = grads[n_w:]
-
-    def init(self, rng: np.random.Generator, scale: float) -> None:
-        gain = _GAIN.get(self.activation or "tanh", 1.0)
-        std = scale * gain / np.sqrt(self.n_in)
-        self.w[...] = rng.standard_normal(self.w.shape, dtype=np.float32) * np.float32(std)
-        self.b[...] = 0.0
-
-    def forward(self, x: np.ndarray, out: np.ndarray) -> None:
-        kernels.dense_forward(x, self.w, self.b, out)
-        if self.activation:
-            _ACTIVATIONS[self.activation][0](out, out)
-
-    def backward(self, x, y, dy, dx) -> None:
-        """Back-propagate ``dy`` (overwritten with the pre-activation gradient).
-
-        ``dx`` is None for the first layer, whose input gradient nobody needs.
-        """
-        if self.activation:
-            _ACTIVATIONS[self.activation][1](y, dy, dy)
-        if dx is None:
-            kernels.dense_backward_params(x, dy, self.dw, self.db)
-        else:
-            kernels.dense_backward(x, self.w, dy, dx, self.dw, self.db)
+# Output kinds: softmax over the classes, or the paper's one-vs-all logistic units.
+LOSSES = ("softmax", "logistic")
 
 
 @dataclass(frozen=True)
@@ -103,8 +55,41 @@ class ParamLayout:
         return min(lo for lo, _ in mine), max(hi for _, hi in mine)
 
 
+def mlp_stack(n_inputs: int, n_classes: int, hidden: int, layers: int,
+              activation: str) -> list:
+    """Fully connected: ``layers`` hidden layers of ``hidden`` units, linear outputs."""
+    widths = [n_inputs] + [hidden] * layers + [n_classes]
+    return [Dense(a, b, activation if i < layers else None)
+            for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True))]
+
+
+def image_stack(input_shape, n_classes: int, units, rf: int = 10, strides=(1, 1, 1),
+                pools=(1, 3, 2), lcn: int = 5, activation: str = "relu") -> list:
+    """The paper's image network: per stage a locally connected layer (``rf x rf``
+    fields, ``units`` per location), max pooling and local contrast normalisation
+    (``lcn`` window; 0 for none), then linear outputs over the classes."""
+    stack, shape = [], tuple(input_shape)
+    units = [units] * len(strides) if isinstance(units, int) else list(units)
+    for u, stride, pool in zip(units, strides, pools, strict=True):
+        stack.append(LocallyConnected(shape, rf, stride, u, activation))
+        shape = stack[-1].out_shape
+        if pool > 1:
+            stack.append(MaxPool(shape, pool))
+            shape = stack[-1].out_shape
+        if lcn:
+            stack.append(LCN(shape, lcn))
+    n_in = int(np.prod(shape))
+    stack.append(Dense(n_in, n_classes, None, in_shape=shape))
+    return stack
+
+
 class Model:
-    """A fully connected classifier: hidden layers of one width, softmax output.
+    """A layer stack over one flat parameter vector, with a softmax or logistic output.
+
+    ``Model(n_inputs, n_classes, hidden, layers, activation)`` is the fully connected
+    classifier; :meth:`of` takes any stack (see :func:`image_stack`).  With
+    ``allocate=False`` nothing is allocated: the model is a description (sizes,
+    layout) for ``mpibelief info`` and for ranks that hold only a partition.
 
     Attributes:
         params: the flat float32 parameter vector every layer views into.
@@ -112,22 +97,33 @@ class Model:
     """
 
     def __init__(self, n_inputs: int, n_classes: int, hidden: int, layers: int,
-                 activation: str):
-        widths = [n_inputs] + [hidden] * layers + [n_classes]
-        self.layers = [
-            Dense(a, b, activation if i < layers else None)
-            for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True))
-        ]
-        self.n_inputs, self.n_classes = n_inputs, n_classes
+                 activation: str, allocate: bool = True):
+        self._setup(mlp_stack(n_inputs, n_classes, hidden, layers, activation),
+                    (1, 1, n_inputs), "softmax", allocate)
+
+    @classmethod
+    def of(cls, stack: list, input_shape, loss: str = "softmax",
+           allocate: bool = True) -> Model:
+        model = cls.__new__(cls)
+        model._setup(stack, tuple(input_shape), loss, allocate)
+        return model
+
+    def _setup(self, stack, input_shape, loss, allocate) -> None:
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        self.layers, self.input_shape, self.loss = stack, input_shape, loss
+        self.n_inputs = int(np.prod(input_shape))
+        self.n_classes = stack[-1].out_shape[-1]
         self.n_params = sum(layer.size for layer in self.layers)
-        self.params = np.zeros(self.n_params, dtype=np.float32)
-        self.grads = np.zeros(self.n_params, dtype=np.float32)
-        offset = 0
-        for layer in self.layers:
-            end = offset + layer.size
-            layer.bind(self.params[offset:end], self.grads[offset:end])
-            offset = end
+        self.offsets = np.cumsum([0] + [layer.size for layer in self.layers]).tolist()
         self._buffers: dict[int, tuple] = {}
+        self.params = self.grads = None
+        if allocate:
+            self.params = np.zeros(self.n_params, dtype=np.float32)
+            self.grads = np.zeros(self.n_params, dtype=np.float32)
+            for i, layer in enumerate(self.layers):
+                lo, hi = self.offsets[i], self.offsets[i + 1]
+                layer.bind(self.params[lo:hi], self.grads[lo:hi])
 
     def layout(self, partitions: int = 1) -> ParamLayout:
         """The parameter layout for a replica split into ``partitions`` ranks."""
@@ -136,13 +132,22 @@ class Model:
     @staticmethod
     def size_of(cfg, n_inputs: int, n_classes: int) -> int:
         """Parameters the model of ``cfg`` would have, without allocating it."""
-        widths = [n_inputs] + [cfg.hidden] * cfg.layers + [n_classes]
-        return sum(a * b + b for a, b in zip(widths[:-1], widths[1:], strict=True))
+        return Model.from_config(cfg, n_inputs, n_classes, allocate=False).n_params
 
     @classmethod
-    def from_config(cls, cfg, n_inputs: int, n_classes: int) -> Model:
-        """Build from a :class:`mpibelief.config.ModelConfig`."""
-        return cls(n_inputs, n_classes, cfg.hidden, cfg.layers, cfg.activation)
+    def from_config(cls, cfg, n_inputs: int, n_classes: int, allocate: bool = True) -> Model:
+        """Build from a :class:`mpibelief.config.ModelConfig` (``kind`` mlp or image)."""
+        if cfg.kind == "mlp":
+            return cls(n_inputs, n_classes, cfg.hidden, cfg.layers, cfg.activation, allocate)
+        shape = tuple(cfg.input_shape)
+        if int(np.prod(shape)) != n_inputs:
+            from mpibelief.errors import ConfigError
+
+            raise ConfigError(f"model.input_shape = {list(shape)} holds {int(np.prod(shape))}"
+                              f" values but the data has {n_inputs} inputs")
+        stack = image_stack(shape, n_classes, cfg.units, cfg.rf, cfg.strides, cfg.pools,
+                            cfg.lcn, cfg.activation)
+        return cls.of(stack, shape, cfg.output, allocate)
 
     def init(self, seed: int, scale: float = 1.0) -> None:
         """Random weights, zero biases; the same seed gives the same model on every rank."""
@@ -150,42 +155,87 @@ class Model:
         for layer in self.layers:
             layer.init(rng, scale)
 
+    def to_layout(self, whole: np.ndarray, partitions: int,
+                  out: np.ndarray | None = None) -> np.ndarray:
+        """A flat vector in this model's order (one partition) rearranged into the
+        partition-major order of ``layout(partitions)``, as the shards hold it."""
+        out = np.empty_like(whole) if out is None else out
+        for at, part in self._pieces(whole, partitions):
+            out[at:at + part.size] = part.ravel()
+        return out
+
+    def from_layout(self, ordered: np.ndarray, partitions: int,
+                    out: np.ndarray | None = None) -> np.ndarray:
+        """The inverse of :meth:`to_layout`."""
+        out = np.empty_like(ordered) if out is None else out
+        for at, part in self._pieces(out, partitions):
+            part[...] = ordered[at:at + part.size].reshape(part.shape)
+        return out
+
+    def _pieces(self, whole: np.ndarray, partitions: int):
+        """``(offset in the partition-major vector, view of whole)`` for every piece."""
+        for (i, p), (lo, hi) in self.layout(partitions).ranges.items():
+            layer = self.layers[i]
+            views = layer.views(whole[self.offsets[i]:self.offsets[i + 1]])
+            at = lo
+            for part in layer.piece(views, layer.tiles(partitions)[p]):
+                yield at, part
+                at += part.size
+            assert at == hi, (i, p, at, hi)
+
     def _bufs(self, n: int):
-        """Per-batch-size activations, their gradients and the softmax buffers."""
+        """Per-batch-size activations, their gradients and the output's buffers."""
         if n not in self._buffers:
-            acts = [np.empty((n, layer.n_out), np.float32) for layer in self.layers]
+            acts = [np.empty((n, *layer.out_shape), np.float32) for layer in self.layers]
             grads = [np.empty_like(a) for a in acts]
-            self._buffers[n] = (acts, grads, np.empty_like(acts[-1]))
+            self._buffers[n] = (acts, grads, np.empty((n, self.n_classes), np.float32))
         return self._buffers[n]
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        """Logits for a batch; the returned array is reused by the next call."""
+        """Logits ``(n, n_classes)`` for a batch; reused by the next call."""
         acts, _, _ = self._bufs(len(x))
-        inp = x
+        inp = x.reshape(len(x), *self.input_shape)
         for layer, out in zip(self.layers, acts, strict=True):
             layer.forward(inp, out)
             inp = out
-        return inp
+        return inp.reshape(len(x), self.n_classes)
+
+    def _loss(self, logits, y, probs, dlogits) -> tuple[float, int]:
+        if self.loss == "softmax":
+            return kernels.softmax_xent(logits, y, probs, dlogits)
+        loss = kernels.logistic_xent(logits, y, 0, probs, dlogits)
+        return loss, int(np.sum(np.argmax(logits, axis=1) == y))
 
     def loss_and_grad(self, x: np.ndarray, y: np.ndarray) -> tuple[float, int]:
-        """Mean cross-entropy and number correct on a batch; fills :attr:`grads`."""
+        """Mean loss and number correct on a batch; fills :attr:`grads`."""
         acts, dacts, probs = self._bufs(len(x))
         logits = self.forward(x)
-        loss, correct = kernels.softmax_xent(logits, y, probs, dacts[-1])
+        loss, correct = self._loss(logits, y, probs, dacts[-1].reshape(logits.shape))
+        x4 = x.reshape(len(x), *self.input_shape)
         for i in range(len(self.layers) - 1, -1, -1):
-            inp = x if i == 0 else acts[i - 1]
+            inp = x4 if i == 0 else acts[i - 1]
             dx = None if i == 0 else dacts[i - 1]
             self.layers[i].backward(inp, acts[i], dacts[i], dx)
         return float(loss), int(correct)
 
-    def evaluate(self, x: np.ndarray, y: np.ndarray, batch: int = 1024) -> tuple[float, float]:
+    def evaluate(self, x: np.ndarray, y: np.ndarray,
+                 batch: int | None = None) -> tuple[float, float]:
         """Mean loss and accuracy over a whole set, in batches (no gradients)."""
+        batch = batch or eval_batch(self)
         total_loss, total_correct = 0.0, 0
         for start in range(0, len(x), batch):
             xb, yb = x[start:start + batch], y[start:start + batch]
             _, dacts, probs = self._bufs(len(xb))
-            loss, correct = kernels.softmax_xent(self.forward(xb), yb, probs, dacts[-1])
+            logits = self.forward(xb)
+            loss, correct = self._loss(logits, yb, probs, dacts[-1].reshape(logits.shape))
             total_loss += float(loss) * len(xb)
             total_correct += int(correct)
         n = max(len(x), 1)
         return total_loss / n, total_correct / n
+
+
+def eval_batch(model, budget: int = 2**25) -> int:
+    """Evaluation batch: up to 1024 samples, fewer when activations are large (at most
+    ``budget`` floats of layer outputs for the whole stack: 128 MiB)."""
+    per_sample = sum(int(np.prod(layer.out_shape)) for layer in model.layers)
+    return int(max(1, min(1024, budget // max(per_sample, 1))))

@@ -107,3 +107,68 @@ def lc_backward(x, w, dy, rf, stride, dx, dw, db):
     for oy in range(oh):
         for ox in range(ow):
             dx[:, oy * stride:oy * stride + rf, ox * stride:ox * stride + rf] += dpatch[oy, ox]
+
+
+def maxpool_forward(x, k, out):
+    """Max over non-overlapping ``k x k`` blocks (trailing partial blocks dropped)."""
+    n, h, w, c = x.shape
+    oh, ow = h // k, w // k
+    out[...] = x[:, :oh * k, :ow * k].reshape(n, oh, k, ow, k, c).max(axis=(2, 4))
+
+
+def maxpool_backward(x, y, dy, k, dx):
+    """``dy`` to the first maximum of each block (row-major), zero elsewhere."""
+    n, oh, ow, c = y.shape
+    blocks = x[:, :oh * k, :ow * k].reshape(n, oh, k, ow, k, c).transpose(0, 1, 3, 5, 2, 4)
+    first = blocks.reshape(n, oh, ow, c, k * k).argmax(axis=-1)
+    onehot = np.arange(k * k) == first[..., None]  # (n, oh, ow, c, k*k)
+    spread = (onehot * dy[..., None]).reshape(n, oh, ow, c, k, k).transpose(0, 1, 4, 2, 5, 3)
+    dx[...] = 0
+    dx[:, :oh * k, :ow * k] = spread.reshape(n, oh * k, ow * k, c)
+
+
+def _window_stats(xp, m):
+    """Mean and variance over every ``m x m`` window of all channels, float64."""
+    win = sliding_window_view(xp.astype(np.float64), (m, m), axis=(1, 2))
+    count = m * m * xp.shape[3]
+    mu = win.sum(axis=(3, 4, 5)) / count  # (n, h, w)
+    var = (win * win).sum(axis=(3, 4, 5)) / count - mu * mu
+    return mu, var, count
+
+
+def lcn_forward(xp, m, eps, out):
+    """``(x_centre - mean) / sqrt(eps + var)`` over each ``m x m`` window of all channels."""
+    r = m // 2
+    mu, var, _ = _window_stats(xp, m)
+    h, w = mu.shape[1:]
+    centre = xp[:, r:r + h, r:r + w]
+    out[...] = (centre - mu[..., None]) / np.sqrt(eps + var[..., None])
+
+
+def lcn_backward(xp, m, eps, dy, dxp):
+    """Gradient of :func:`lcn_forward` w.r.t. the padded input, by the chain rule."""
+    r = m // 2
+    mu, var, count = _window_stats(xp, m)
+    h, w = mu.shape[1:]
+    s = 1.0 / np.sqrt(eps + var)
+    centre = xp[:, r:r + h, r:r + w]
+    dvar = -0.5 * s**3 * (dy * (centre - mu[..., None])).sum(axis=3)
+    a = (-s * dy.sum(axis=3) - 2.0 * mu * dvar) / count
+    b = 2.0 * dvar / count
+    dxp[...] = 0
+    for oy in range(m):
+        for ox in range(m):
+            region = (slice(None), slice(oy, oy + h), slice(ox, ox + w))
+            dxp[region] += a[..., None] + b[..., None] * xp[region]
+    dxp[:, r:r + h, r:r + w] += dy * s[..., None]
+
+
+def logistic_xent(logits, labels, offset, probs, dlogits):
+    """One-vs-all binary cross-entropy, summed over classes, mean over rows."""
+    n, k = logits.shape
+    target = (labels[:, None] - offset) == np.arange(k)
+    probs[...] = 1.0 / (1.0 + np.exp(-logits))
+    dlogits[...] = (probs - target) / n
+    z = logits.astype(np.float64)
+    loss = np.maximum(z, 0) + np.log1p(np.exp(-np.abs(z))) - target * z
+    return float(loss.sum() / n)

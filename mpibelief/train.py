@@ -23,8 +23,9 @@ from mpibelief.errors import ConfigError, UserError
 
 
 def model_summary(model) -> str:
-    widths = [model.n_inputs] + [layer.n_out for layer in model.layers]
-    return f"{'-'.join(map(str, widths))} ({model.n_params / 1e6:.2f}M parameters)"
+    shapes = ["x".join(map(str, s)) if s[:2] != (1, 1) else str(s[2])
+              for s in [model.input_shape] + [layer.out_shape for layer in model.layers]]
+    return f"{'-'.join(shapes)} ({model.n_params / 1e6:.2f}M parameters)"
 
 
 def result_path(cfg: Config, out: str | None) -> Path:
@@ -74,9 +75,17 @@ def run(cfg: Config, out: str | None = None, overwrite: bool = False,
             f"train.batch = {cfg.train.batch} is more than the {per_replica} training rows"
             f" each of {lay.replicas} replica(s) gets: use a smaller batch or more data"
         )
-    check_model_size(cfg, Model.size_of(cfg.model, data.x_train.shape[1], data.n_classes))
-    model = Model.from_config(cfg.model, data.x_train.shape[1], data.n_classes)
-    model.init(cfg.run.seed, cfg.model.init_scale)
+    n_params = Model.size_of(cfg.model, data.x_train.shape[1], data.n_classes)
+    # A rank that holds one partition of a model builds only the description of the
+    # whole: each partition allocates and initialises its own piece (mpibelief.partition).
+    # (Shards need only its size; the coordinator evaluates the whole.)
+    whole = lay.partitions == 1 or role.kind == layouts.COORDINATOR
+    # The same verdict on every rank: the largest share any rank of the layout holds.
+    held_whole = lay.partitions == 1 or lay.shards > 0
+    check_model_size(cfg, n_params if held_whole else -(-n_params // lay.partitions))
+    model = Model.from_config(cfg.model, data.x_train.shape[1], data.n_classes, whole)
+    if whole:
+        model.init(cfg.run.seed, cfg.model.init_scale)
     state = _resume_state(comm, cfg, path) if resume else None
     writer = _open_results(cfg, comm, lay, data, model, path, hosts, overwrite, state) \
         if role.coordinates else None

@@ -171,7 +171,8 @@ class Replica:
         self.push()
         cs = self.store.stats
         self.stats.bytes_pushed, self.stats.bytes_pulled = cs.bytes_pushed, cs.bytes_pulled
-        self.stats.wait_seconds = cs.wait_seconds
+        # A partitioned model also waits for its peer partitions (boundary exchange).
+        self.stats.wait_seconds = cs.wait_seconds + getattr(self.model, "wait_seconds", 0.0)
         if self.compressor is not None:
             self.stats.compression = self.compressor.log.columns()
         return self.stats

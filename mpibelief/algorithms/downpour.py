@@ -10,8 +10,12 @@ One entry point per role, all over one :class:`~mpibelief.ps.server.ParameterSer
   file;
 - replicas pull, compute and push on their own shard of the data, each partition over
   its own range of the parameters, until their epochs are done or the coordinator says
-  stop.  With ``downpour.warmstart_steps`` > 0, replica 0 first trains alone for that
-  many steps and then releases the others, which start from the shards' parameters.
+  stop.  With ``layout.partitions`` > 1 a replica is that many ranks, each holding one
+  partition (:mod:`mpibelief.partition`); the shards hold the flat vector in
+  partition-major order, which the coordinator converts to and from the whole model's
+  order when it loads and evaluates.  With ``downpour.warmstart_steps`` > 0, replica 0
+  first trains alone for that many steps and then releases the others, which start
+  from the shards' parameters.
 
 Resuming (``--resume``): the shards load their slices, optimiser state and counters
 from the checkpoint; each replica skips the batches whose pushes the shards had applied
@@ -35,6 +39,7 @@ from mpibelief.errors import ConfigError, UserError
 from mpibelief.faults import Injector, ReplicaStoppedError
 from mpibelief.layout import COORDINATOR, SHARD, WORKER
 from mpibelief.optim import Optimizer
+from mpibelief.partition import PartitionedModel
 from mpibelief.ps.server import ParameterServer
 from mpibelief.results import COMPRESSION, RankStats
 from mpibelief.worker import Replica
@@ -82,18 +87,31 @@ def _sigterm_notice(ctx):
     return tick
 
 
+def _agreed(model, stop, deadline: float, clock):
+    """For a replica of several partitions: stop when partition 0 says so (the stop
+    message or the deadline), so that no partition starts a step its peers skip."""
+    def stop_all() -> bool:
+        return bool(model.agree(float(stop() or clock.now() >= deadline))[0])
+    return stop_all
+
+
 def replica(ctx) -> None:
     """A replica partition's life: start, optional warmstart, its steps, a report."""
     cfg, lay, role, comms = ctx.cfg, ctx.layout, ctx.role, ctx.comms
     ps = server(ctx)
     lo, hi = ctx.model.layout(lay.partitions).partition(role.partition)
+    model = ctx.model
+    if lay.partitions > 1:  # this rank's partition only; its range is all of its params
+        model, lo, hi = PartitionedModel(ctx.model, comms.replica), 0, None
     start = quiet_recv(comms.control, source=comms.coordinator, tag=Tag.START)
     data = ctx.data.shard(role.index, lay.replicas)
     compressor = None
-    if cfg.compression.enabled:
+    if cfg.compression.enabled:  # each partition compresses its own range
         Compressor.warm()
-        compressor = Compressor(hi - lo, cfg.compression, ctx.rank)
-    worker = Replica(ctx.rank, ctx.model, ps.client(), data, cfg.train, cfg.downpour,
+        compressor = Compressor((model.n_params if hi is None else hi) - lo,
+                                cfg.compression, ctx.rank)
+    # Every partition of a replica has the same seed, so they step on the same batches.
+    worker = Replica(ctx.rank, model, ps.client(), data, cfg.train, cfg.downpour,
                      seed=cfg.run.seed + 1 + role.index, clock=ctx.clock, lo=lo, hi=hi,
                      injector=Injector(cfg.faults, ctx.rank, role.index, ctx.clock),
                      compressor=compressor)
@@ -103,13 +121,16 @@ def replica(ctx) -> None:
     total = steps_per_replica(cfg, len(data.y_train)) + own_warm
     stop = _stop_check(ctx)
     deadline = ctx.clock.now() + (cfg.train.max_seconds or float("inf"))
+    until = _agreed(model, stop, deadline, ctx.clock) if lay.partitions > 1 else stop
+    if lay.partitions > 1:
+        deadline = float("inf")  # in the agreed stop
     try:
         if warm and role.index == 0:  # then release the same partition of the others
-            worker.train(warm, deadline, stop)
+            worker.train(warm, deadline, until)
             quiet_send(comms.across, None, range(1, comms.across.size), Tag.WARMSTART)
         elif warm:
             quiet_recv(comms.across, source=0, tag=Tag.WARMSTART)
-        worker.train(total - done - worker.stats.steps, deadline, stop)
+        worker.train(total - done - worker.stats.steps, deadline, until)
     except ReplicaStoppedError:
         stop.wait()  # an injected failure: silent from now on, until told to stop
     quiet_send(comms.control, worker.finish(), [comms.coordinator], Tag.REPORT)
@@ -146,9 +167,13 @@ def coordinate(ctx) -> dict:
     skip, offset = _seed_shards(ctx, ps, client)
     warm = max(cfg.downpour.warmstart_steps - skip[0], 0)
     quiet_send(ctx.comms.control, {"skip": skip, "warm": warm}, workers, Tag.START)
+    P, model = lay.partitions, ctx.model
+    flat = np.empty_like(model.params) if P > 1 else None  # the shards' order
 
     def snapshot(out: np.ndarray) -> tuple[int, int]:
-        updates = int(np.min(client.pull(out))) - 1  # versions count the initial load
+        updates = int(np.min(client.pull(out if flat is None else flat))) - 1  # not the load
+        if flat is not None:
+            model.from_layout(flat, P, out=out)
         return updates, replica_samples(ps.samples_applied()[1:], lay)
 
     shard_size = len(ctx.data.y_train) // lay.replicas
@@ -202,18 +227,26 @@ def _seed_shards(ctx, ps, client) -> tuple[list[int], float]:
     Returns each replica's steps already applied and the run seconds behind us.
     """
     if ctx.resume is None:
-        client.load(ctx.model.params)
+        client.load(_shards_order(ctx.model, ctx.layout.partitions))
         return [0] * ctx.layout.replicas, 0.0
     number = ctx.resume["number"]
     for answer in ps.command("restore", str(ctx.checkpoints), number, reply=True):
         if answer != "ok":
             raise UserError(f"cannot resume from checkpoint {number}: {answer}")
-    client.pull(ctx.model.params)
+    ordered = np.empty_like(ctx.model.params)
+    client.pull(ordered)
+    ctx.model.params[:] = ordered if ctx.layout.partitions == 1 else ctx.model.from_layout(
+        ordered, ctx.layout.partitions)
     ctx.writer.set_attrs({"resumed_from": number, "resume_params_sha256":
                           checkpoint.digest({"params": ctx.model.params})})
     per_worker = ps.samples_applied()[1:]
     per_replica = np.asarray(per_worker).reshape(ctx.layout.replicas, -1).min(axis=1)
     return [int(s) // ctx.cfg.train.batch for s in per_replica], ctx.resume["wall_seconds"]
+
+
+def _shards_order(model, partitions: int) -> np.ndarray:
+    """The whole model's parameters in the order the shards hold them."""
+    return model.params if partitions == 1 else model.to_layout(model.params, partitions)
 
 
 def write_checkpoint(ctx, ps, coord) -> int:

@@ -7,6 +7,12 @@ inputs; labels are the argmax of its logits, so a student network can in princip
 learn the task exactly, but only by finding the teacher's nonlinear hidden features
 (a linear model gets much less).
 
+Images: with ``image_shape = [H, W, C]`` the inputs are images of that shape, flattened
+in NHWC order (``n_inputs`` is then ``H*W*C``); the teacher is the same, so an image
+network has a task it can learn, while timing runs get inputs of the paper's shape.
+The teacher's hidden width and its balancing sample shrink for wide inputs so that
+100x100x3 images cost megabytes, not gigabytes, on every rank.
+
 Everything is deterministic from ``cfg.seed``: the teacher, the training inputs and the
 test inputs come from three independent streams of one ``SeedSequence``, so changing
 ``n_train`` changes neither the teacher nor the test set.
@@ -29,18 +35,22 @@ TEACHER_GAIN = 1.0
 # Samples and rounds used to balance the classes by shifting the output biases.
 BALANCE_SAMPLES = 20000
 BALANCE_ROUNDS = 100
+# Float64 values a teacher matrix (and the balancing sample) may hold: bounds memory.
+TEACHER_BUDGET = 2_000_000
 
 
-def teacher_hidden(n_classes: int) -> int:
-    """Hidden units of the teacher: 8, or more when many classes need room to be balanced."""
-    return max(TEACHER_HIDDEN, n_classes // 6)
+def teacher_hidden(n_classes: int, n_inputs: int = 0) -> int:
+    """Hidden units of the teacher: 8, or more when many classes need room to be
+    balanced, but never so many that ``n_inputs x hidden`` passes the budget."""
+    cap = TEACHER_BUDGET // n_inputs if n_inputs else n_classes
+    return max(TEACHER_HIDDEN, min(n_classes // 6, cap))
 
 
 class Teacher:
     """A random ``n_inputs -> hidden (tanh) -> n_classes`` network that labels inputs."""
 
     def __init__(self, rng: np.random.Generator, n_inputs: int, n_classes: int):
-        hidden = teacher_hidden(n_classes)
+        hidden = teacher_hidden(n_classes, n_inputs)
         self.w1 = rng.standard_normal((n_inputs, hidden)) * (TEACHER_GAIN / np.sqrt(n_inputs))
         self.b1 = rng.standard_normal(hidden) * 0.5
         w2 = rng.standard_normal((hidden, n_classes))
@@ -48,7 +58,8 @@ class Teacher:
         # towards balance; the biases do the rest.
         self.w2 = w2 / np.linalg.norm(w2, axis=0)
         self.b2 = np.zeros(n_classes)
-        self._balance(rng.standard_normal((BALANCE_SAMPLES, n_inputs)))
+        samples = min(BALANCE_SAMPLES, max(500, 20 * TEACHER_BUDGET // max(n_inputs, n_classes)))
+        self._balance(rng.standard_normal((samples, n_inputs)))
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Teacher outputs, float64 ``(N, n_classes)``."""
@@ -57,8 +68,9 @@ class Teacher:
     def labels(self, x: np.ndarray) -> np.ndarray:
         """Argmax labels, int32 ``(N,)``; computed in blocks to bound memory."""
         out = np.empty(len(x), np.int32)
-        for start in range(0, len(x), 65536):
-            out[start : start + 65536] = self.logits(x[start : start + 65536]).argmax(1)
+        block = min(65536, max(1, 2**24 // self.w2.shape[1]))  # at most 128 MiB of logits
+        for start in range(0, len(x), block):
+            out[start : start + block] = self.logits(x[start : start + block]).argmax(1)
         return out
 
     def _balance(self, x: np.ndarray) -> None:
@@ -87,15 +99,22 @@ def load_synthetic(cfg: DataConfig) -> Dataset:
     for key, low in (("n_train", 1), ("n_test", 1), ("n_inputs", 1), ("n_classes", 2)):
         if getattr(cfg, key) < low:
             raise DataError(f"synthetic data needs data.{key} >= {low}, got {getattr(cfg, key)}")
+    n_inputs = synthetic_inputs(cfg)
     teacher_seq, train_seq, test_seq = np.random.SeedSequence(cfg.seed).spawn(3)
-    teacher = Teacher(np.random.default_rng(teacher_seq), cfg.n_inputs, cfg.n_classes)
+    teacher = Teacher(np.random.default_rng(teacher_seq), n_inputs, cfg.n_classes)
     splits = []
     for seq, n in ((train_seq, cfg.n_train), (test_seq, cfg.n_test)):
-        x = np.random.default_rng(seq).standard_normal((n, cfg.n_inputs), dtype=np.float32)
+        x = np.random.default_rng(seq).standard_normal((n, n_inputs), dtype=np.float32)
         splits += [x, teacher.labels(x)]
     info = {
         "seed": cfg.seed,
-        "teacher_hidden": teacher_hidden(cfg.n_classes),
+        "teacher_hidden": teacher_hidden(cfg.n_classes, n_inputs),
         "teacher_gain": TEACHER_GAIN,
+        "image_shape": "x".join(map(str, cfg.image_shape)) or "none",
     }
     return Dataset(*splits, n_classes=cfg.n_classes, name="synthetic", info=info)
+
+
+def synthetic_inputs(cfg: DataConfig) -> int:
+    """Input width: ``H*W*C`` of ``image_shape`` when given, else ``n_inputs``."""
+    return int(np.prod(cfg.image_shape)) if cfg.image_shape else cfg.n_inputs

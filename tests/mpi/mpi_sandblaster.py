@@ -68,8 +68,10 @@ def convex(comm, out: Path, shards: int) -> None:
 
 
 def straggler(comm, out: Path, shards: int) -> None:
+    # A tiny model computes a portion in microseconds, less than a message takes: the
+    # straggler must be slow by far more than 4x for its slowness to show reliably.
     cfg = cfg_for(shards, batch=1000, portions=10, push_every=2, iterations=6,
-                  backups=True, slow_replica=1, slow_factor=4.0)
+                  backups=True, slow_replica=1, slow_factor=200.0)
     train.run(cfg, str(out))
     if comm.rank != 0:
         return

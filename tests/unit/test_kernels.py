@@ -142,6 +142,72 @@ CASES = [
 ]
 
 
+def maxpool_case(n, h, w, c, k):
+    def make(rng):
+        return {"x": _normal(rng, n, h, w, c)}
+
+    def forward(mod, a):
+        out = np.empty((n, h // k, w // k, c), a["x"].dtype)
+        mod.maxpool_forward(a["x"], k, out)
+        return out
+
+    def backward(mod, a, out, g):
+        dx = np.full_like(a["x"], np.nan)  # poisoned: every element must be written
+        mod.maxpool_backward(a["x"], out, g, k, dx)
+        return {"x": dx}
+
+    return Case(f"maxpool-n{n}-{h}x{w}x{c}-k{k}", make, forward, backward, ("x",))
+
+
+def lcn_case(n, h, w, c, m, eps=1.0):
+    def make(rng):
+        return {"xp": _normal(rng, n, h + m - 1, w + m - 1, c, scale=2.0) + F32(0.5)}
+
+    def forward(mod, a):
+        out = np.empty((n, h, w, c), a["xp"].dtype)
+        mod.lcn_forward(a["xp"], m, eps, out)
+        return out
+
+    def backward(mod, a, out, g):
+        dxp = np.full_like(a["xp"], np.nan)
+        mod.lcn_backward(a["xp"], m, eps, g, dxp)
+        return {"xp": dxp}
+
+    return Case(f"lcn-n{n}-{h}x{w}x{c}-m{m}", make, forward, backward, ("xp",))
+
+
+def logistic_case(n, k, offset):
+    def make(rng):
+        return {"logits": _normal(rng, n, k, scale=3.0),
+                "labels": rng.integers(0, k + 2 * offset, n).astype(np.int64)}
+
+    def run(mod, a):
+        probs, dlogits = np.empty_like(a["logits"]), np.empty_like(a["logits"])
+        loss = mod.logistic_xent(a["logits"], a["labels"], offset, probs, dlogits)
+        assert isinstance(loss, float)
+        return np.concatenate([[loss], probs.ravel()]), dlogits
+
+    def backward(mod, a, out, g):
+        return {"logits": run(mod, a)[1] * g[0]}
+
+    def upstream(rng, shape):
+        g = np.zeros(shape, F32)
+        g[0] = rng.uniform(0.5, 2.0)
+        return g
+
+    return Case(f"logistic_xent-{n}x{k}-off{offset}", make, lambda mod, a: run(mod, a)[0],
+                backward, ("logits",), upstream)
+
+
+CASES += [
+    maxpool_case(1, 2, 2, 1, 2), maxpool_case(3, 7, 5, 2, 2),  # odd: last row/col dropped
+    maxpool_case(2, 9, 9, 3, 3), maxpool_case(2, 4, 6, 1, 1),
+    lcn_case(1, 1, 1, 1, 1), lcn_case(2, 5, 4, 3, 3), lcn_case(3, 6, 7, 2, 5),
+    lcn_case(2, 3, 3, 1, 5),  # window wider than the image: padding dominates
+    logistic_case(1, 3, 0), logistic_case(7, 5, 0), logistic_case(6, 4, 3),  # labels off
+]
+
+
 def _fd_grad(case, a64, g64, name, idx, eps=1e-6):
     """Central difference of ``sum(forward(a) * g)`` w.r.t. ``a[name][idx]`` (float64)."""
     def loss(delta):

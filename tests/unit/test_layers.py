@@ -18,6 +18,7 @@ LAYERS = {  # module prefix -> layer; the longest matching prefix wins
     "mpibelief.comm": 1,  # transports
     "mpibelief.compressed_exchange": 1,
     "mpibelief.ps": 1,
+    "mpibelief.partition": 1,
     "mpibelief.worker": 2,  # roles
     "mpibelief.coordinator": 2,
     "mpibelief.portion_worker": 2,
