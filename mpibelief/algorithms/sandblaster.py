@@ -46,6 +46,10 @@ def check(cfg) -> None:
     sb = cfg.sandblaster
     if cfg.layout.shards < 1:
         raise ConfigError("run.algorithm = 'sandblaster' needs layout.shards >= 1")
+    if cfg.layout.partitions != 1:
+        raise ConfigError("run.algorithm = 'sandblaster' runs replicas of one partition:"
+                          " partitioned Sandblaster replicas are not built yet"
+                          " (layout.partitions = 1)")
     if sb.batch and sb.batch < sb.portions:
         raise ConfigError(f"sandblaster.batch = {sb.batch} cannot be cut into"
                           f" {sb.portions} portions")

@@ -65,6 +65,9 @@ def check(cfg) -> None:
     if cfg.layout.shards != 0:
         raise ConfigError("run.algorithm = 'sync' needs no parameter server: set"
                           " layout.shards = 0 (world = replicas)")
+    if cfg.layout.partitions != 1:
+        raise ConfigError("run.algorithm = 'sync' runs replicas of one partition: model"
+                          " parallelism with sync is not built yet (layout.partitions = 1)")
 
 
 def method(cfg, replicas: int) -> str:
