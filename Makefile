@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 NP     ?= 5
 DEMO   ?= configs/demo.toml
 
-.PHONY: install demo test lint bench figures clean
+.PHONY: install ompi-venv demo test lint bench figures clean
 
 install: $(STAMP)
 
@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ".[workstation,test]"
 	touch $(STAMP)
+
+# Open MPI from PyPI in its own venv, for tests/mpi/test_site_mpi.py (which builds it too).
+ompi-venv:
+	sh tests/mpi/ompi_venv.sh .venv-ompi
 
 demo: $(STAMP)
 	@echo "mpibelief demo: $(BIN)/mpiexec -n $(NP) python -m mpibelief train $(DEMO)"

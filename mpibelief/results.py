@@ -150,7 +150,8 @@ def provenance() -> dict[str, str]:
     try:
         from mpi4py import MPI
 
-        attrs["mpi_library"] = MPI.Get_library_version().strip().splitlines()[0]
+        # Open MPI's string ends in a NUL, which HDF5 string attributes refuse.
+        attrs["mpi_library"] = MPI.Get_library_version().strip("\x00 \n").splitlines()[0]
     except Exception:  # noqa: BLE001 - provenance must never fail a run
         attrs["mpi_library"] = "unknown"
     return attrs

@@ -141,16 +141,17 @@ class ShardServer:
                 self.ctl.send(reply, dest=source, tag=Tag.REPLY)
 
     def poll(self) -> int:
-        """Consume every published slot found in one atomic snapshot; returns how many."""
+        """Consume every published slot found in one snapshot of loads; returns how many."""
         words = self.inbox.local_words()
         clients, depth = words.shape
         done = 0
         for i in range(clients):
             c = (self.first + i) % clients
             for _ in range(depth):
-                word = int(words[c, self.expect[c]])
-                if not word:
+                if not words[c, self.expect[c]]:
                     break
+                # A load saw it published; the exact word (kind, version) by one atomic.
+                word = self.inbox.read_word(self.rank, self.inbox.word_offset(c, self.expect[c]))
                 self.consume(c, self.expect[c], word)
                 self.expect[c] = (self.expect[c] + 1) % depth
                 done += 1
