@@ -36,18 +36,15 @@ Usage: ``python bench/compression.py [--replicas 2] [--fractions 0.1,0.01,0.001]
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import h5py
 import numpy as np
+from jobs import BIN, REPO, floats, launch  # bench/jobs.py, beside this file
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 GOAL_RATIO, GOAL_POINTS = 100.0, 0.01
 
 
@@ -71,13 +68,6 @@ def command(overrides: list[str], args, out: Path, seed: int) -> list[str]:
     return [*shlex.split(args.launcher), "-n", str(args.replicas), *py]
 
 
-def launch(name: str, cmd: list[str]) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=3600,
-                          stdin=subprocess.DEVNULL)
-    if done.returncode != 0:
-        sys.exit(f"bench/compression.py: {name} failed:\n{done.stderr[-2000:]}")
-
 
 def figures(path: Path) -> tuple[float, float, float, float]:
     """(test accuracy, seconds per step, compression ratio, mean fraction sent)."""
@@ -93,15 +83,6 @@ def figures(path: Path) -> tuple[float, float, float, float]:
         ratio = float(c["bytes_dense"][()].sum() / c["bytes_compressed"][()].sum())
         return accuracy, per_step, ratio, float(c["fraction"][()].mean())
 
-
-def floats(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: want numbers, e.g. 0.1,0.01") from None
-    if any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: want positive numbers")
-    return values
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -127,7 +108,7 @@ def main(argv=None) -> None:
         for rep in range(args.repeats):
             for name, overrides in todo.items():
                 path = Path(tmp) / f"{name}_{rep}.h5"
-                launch(name, command(overrides, args, path, seed=rep))
+                launch("compression.py", name, command(overrides, args, path, seed=rep))
                 found[name].append(figures(path))
                 acc, per_step, ratio, fraction = found[name][-1]
                 print(f"round {rep + 1}/{args.repeats} {name:>8}: test acc {acc:.4f},"

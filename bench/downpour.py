@@ -31,18 +31,15 @@ Usage: ``python bench/downpour.py [--replicas 1,2] [--shards 1,2] [--repeats 3]
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import h5py
 import numpy as np
+from jobs import BIN, REPO, counts, launch  # bench/jobs.py, beside this file
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 GOAL = 0.85
 
 
@@ -70,13 +67,6 @@ def command(case, epochs: float, out: Path, launcher: list[str]) -> list[str]:
             "--set", f"layout.replicas={replicas}", "--set", f"train.epochs={epochs * replicas}"]
 
 
-def launch(name: str, cmd: list[str]) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800,
-                          stdin=subprocess.DEVNULL)
-    if done.returncode != 0:
-        sys.exit(f"bench/downpour.py: {name} failed:\n{done.stderr[-2000:]}")
-
 
 def rates(path: Path) -> tuple[float, float, float]:
     """(samples/s per replica averaged over replicas, total samples/s, busiest shard)."""
@@ -90,12 +80,6 @@ def rates(path: Path) -> tuple[float, float, float]:
     per_replica = float(np.mean(samples[trained] / seconds[trained]))
     return per_replica, float(samples[trained].sum() / seconds[trained].max()), float(busy.max())
 
-
-def counts(text: str) -> list[int]:
-    values = [int(v) for v in text.split(",") if v.strip()]
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: want positive integers, e.g. 1,2,4")
-    return values
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -120,7 +104,7 @@ def main(argv=None) -> None:
         for rep in range(args.repeats):
             for name, case in todo.items():
                 path = Path(tmp) / f"{name}_{rep}.h5"
-                launch(name, command(case, args.epochs, path, launcher))
+                launch("downpour.py", name, command(case, args.epochs, path, launcher))
                 for column, value in zip(found[name], rates(path), strict=True):
                     column.append(value)
                 per, total, busy = (column[-1] for column in found[name])

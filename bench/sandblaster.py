@@ -34,18 +34,15 @@ Usage: ``python bench/sandblaster.py [--replicas 2] [--shards 1] [--portions 4,8
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import h5py
 import numpy as np
+from jobs import BIN, REPO, counts, launch  # bench/jobs.py, beside this file
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 GOAL = 0.30
 KINDS = {"even": (False, True), "off": (True, False), "on": (True, True)}
 
@@ -75,13 +72,6 @@ def command(case: tuple, args, out: Path) -> list[str]:
     return cmd
 
 
-def launch(name: str, cmd: list[str]) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=1800, stdin=subprocess.DEVNULL)
-    if done.returncode != 0:
-        sys.exit(f"bench/sandblaster.py: {name} failed:\n{done.stderr[-2000:]}")
-
 
 def figures(path: Path) -> tuple[float, float, int, int]:
     """(median seconds per batch, median seconds per evaluation, backups, wasted)."""
@@ -96,12 +86,6 @@ def figures(path: Path) -> tuple[float, float, int, int]:
     return (float(np.median(t["seconds"])), float(np.median(t["seconds"] / t["evals"])),
             int(t["backups_issued"].sum()), int(t["backups_wasted"].sum()))
 
-
-def counts(text: str) -> list[int]:
-    values = [int(v) for v in text.split(",") if v.strip()]
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: want positive integers, e.g. 4,8,16")
-    return values
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -128,7 +112,7 @@ def main(argv=None) -> None:
         for rep in range(args.repeats):
             for case, spec in todo.items():
                 path = Path(tmp) / f"{case}_{rep}.h5"
-                launch(case, command(spec, args, path))
+                launch("sandblaster.py", case, command(spec, args, path))
                 for column, value in zip(found[case], figures(path), strict=True):
                     column.append(value)
                 batch, per_eval, backups, wasted = (c[-1] for c in found[case])
