@@ -158,12 +158,14 @@ sys.exit(size != want and first)' "$1" "${MB_LAUNCH[*]}" || exit 2
 # SIGTERM to every rank, so the shell sends it to mpiexec.
 #
 # SIGTERM to the whole job (scancel, the time limit itself, preemption, `scontrol
-# requeue` by an operator) reaches every process of the job from Slurm at once, srun
-# included: with srun the ranks are then SIGKILLed before they can checkpoint, and the
-# run resumes from its last periodic checkpoint (checkpoint.every); with mpiexec they
-# checkpoint and stop, the shell waiting for them within Slurm's KillWait. A job that
-# Slurm or an operator requeues resumes by itself either way. To checkpoint first:
-# `scancel --signal=USR1 JOB` (the ranks write one and go on), then requeue.
+# requeue` by an operator) reaches every process of the job from Slurm at once. The
+# shell forwards it too (a repeat is harmless) and waits for the step, within Slurm's
+# KillWait, so the ranks can write their checkpoint and stop; a job that Slurm or an
+# operator requeues then resumes by itself. Seen here with both launchers, but with srun
+# it is a race: srun answers its own SIGTERM with "forcing job termination", and a run
+# that loses it resumes from its last periodic checkpoint (checkpoint.every). For a
+# planned requeue, checkpoint first: `scancel --signal=USR1 JOB` reaches the ranks (the
+# steps, not the batch shell), which write one and go on; then `scontrol requeue JOB`.
 MB_STEP="" MB_STOP="" MB_REQUEUE=0
 # Self-requeues allowed per job, so that a run that cannot make progress (a --signal
 # lead longer than the time limit) does not requeue forever.
