@@ -153,12 +153,12 @@ def test_a_requeued_job_resumes_from_its_checkpoint(slurm, tmp_path, launcher, n
         assert f.attrs["status"] == "complete" and f.attrs["slurm_job_id"] == job
         assert f.attrs["resumed_from"] == int(written[-1])  # the one the stop wrote
         wall, samples = f["metrics/wall_seconds"][()], f["metrics/samples"][()]
-    # Continuous across the requeue: no repeated rows, nothing undone, no hole, and
-    # both attempts' training in one series: the first trained at least EVAL (its
-    # third row) before its checkpoint, the second RUN_SECONDS after it.
+    # Continuous across the requeue: no repeated rows, nothing undone, no hole (a
+    # second attempt whose clock restarted at 0 would repeat the first one's times),
+    # and the second attempt's RUN_SECONDS of training on top of the first's rows.
     assert (wall[1:] > wall[:-1]).all() and (samples[1:] >= samples[:-1]).all(), (wall, samples)
     assert (wall[1:] - wall[:-1]).max() < 5 * EVAL, wall
-    assert wall[-1] >= RUN_SECONDS + EVAL, wall
+    assert wall[-1] > RUN_SECONDS and (wall <= EVAL).sum() >= 2, wall
 
 
 def campaign(slurm, tmp_path, *args) -> dict[str, str]:
