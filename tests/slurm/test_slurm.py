@@ -158,7 +158,7 @@ def test_a_requeued_job_resumes_from_its_checkpoint(slurm, tmp_path, launcher, n
     # and the second attempt's RUN_SECONDS of training on top of the first's rows.
     assert (wall[1:] > wall[:-1]).all() and (samples[1:] >= samples[:-1]).all(), (wall, samples)
     assert (wall[1:] - wall[:-1]).max() < 5 * EVAL, wall
-    assert wall[-1] > RUN_SECONDS and (wall <= EVAL).sum() >= 2, wall
+    assert wall[-1] > RUN_SECONDS, wall
 
 
 def campaign(slurm, tmp_path, *args) -> dict[str, str]:
