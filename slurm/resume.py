@@ -22,6 +22,7 @@ or the start time, so every attempt of a job finds the same file.
 from __future__ import annotations
 
 import argparse
+import datetime
 import sys
 
 import h5py
@@ -40,17 +41,29 @@ def decide(path, job: str) -> tuple[str, str]:
         with h5py.File(path, "r", locking=False) as f:
             status = str(f.attrs.get("status", ""))
             owner = str(f.attrs.get("slurm_job_id", ""))
+            started = str(f.attrs.get("start_time", ""))
     except OSError as exc:
-        status, owner = f"unreadable ({exc})", ""
+        status, owner, started = f"unreadable ({exc})", "", ""
     if status.startswith("complete"):
         return "done", f"{path} says {status!r}: nothing left to run"
-    numbers = checkpoint.numbers(folder)
+    numbers = [n for n in checkpoint.numbers(folder) if _since(folder / f"{n}.h5", started)]
     if numbers:
         return "resume", f"resuming {path} from {folder}/ (newest checkpoint {numbers[-1]})"
     if owner == job:
         return "overwrite", (f"{path} ({status}) has no checkpoint in {folder}/:"
                              " starting this job's run over")
     return "refuse", f"{path} is not this job's run (job {owner or '?'}) and has no checkpoint"
+
+
+def _since(manifest, started: str) -> bool:
+    """Whether a checkpoint was written by the run in the result file, not by an
+    earlier run that `--overwrite` replaced (its checkpoints stay in the folder, and
+    until the new run writes its first one the newest there is the old run's)."""
+    try:
+        start = datetime.datetime.fromisoformat(started).timestamp()
+    except ValueError:
+        return True  # no start time to go by: let the run's own config check decide
+    return manifest.stat().st_mtime >= start
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -107,7 +107,13 @@ def test_a_requeued_job_resumes_starts_over_or_stops_as_its_files_say(tmp_path, 
     assert requeued("8", *args) == "refuse"  # not its run: the run itself will refuse it
     folder = checkpoint.folder_for(out)
     sha = checkpoint.write_part(folder, 1, 0, {"params": np.zeros(3, np.float32)})
-    checkpoint.write_manifest(folder, 1, {}, [sha])
+    manifest = checkpoint.write_manifest(folder, 1, {}, [sha])
+    assert requeued("7", *args) == "resume"
+    # A checkpoint older than the run: an earlier run's, left by --overwrite.
+    os.utime(manifest, (manifest.stat().st_mtime - 3600,) * 2)
+    assert requeued("7", *args) == "overwrite"
+    sha = checkpoint.write_part(folder, 2, 0, {"params": np.zeros(3, np.float32)})
+    checkpoint.write_manifest(folder, 2, {}, [sha])
     assert requeued("7", *args) == "resume"
     writer.close("complete")
     assert requeued("7", *args) == "done"
