@@ -19,7 +19,8 @@
 #   -n NAME        campaign name (default: campaign-YYYYmmdd-HHMMSS)
 #   -s KEY=VALUES  sweep KEY over the comma-separated VALUES (a job array per config)
 #   -o OPTION      pass OPTION to the sbatch of every training job (repeatable), e.g.
-#                  -o --time=04:00:00 -o --signal=B:USR1@300 -o --requeue
+#                  -o --time=04:00:00 -o --signal=B:USR1@600 (the scripts already
+#                  ask for --signal=B:USR1@300 and --requeue: see slurm/train.sbatch)
 #   -d             dry run: print the sbatch commands, submit nothing
 # Partition and account: SBATCH_PARTITION and SBATCH_ACCOUNT, which sbatch reads itself.
 # Launcher and PMI variables (slurm/common.sh) reach the jobs through sbatch's environment.

@@ -31,8 +31,9 @@ mb_log() {
 }
 
 # mb_parse_train_args CONFIG [TRAIN_ARGS...]: sets MB_CONFIG, MB_TRAIN_ARGS (all
-# arguments for `mpibelief train` after the config) and MB_SETS (the TABLE.KEY=VALUE
-# of every --set, for the checks that must see the same config as the run).
+# arguments for `mpibelief train` after the config), MB_SETS (the TABLE.KEY=VALUE of
+# every --set, for the checks that must see the same config as the run) and MB_OUT
+# (the last --out, or empty: the run's result file is then the config's).
 mb_parse_train_args() {
     [[ $# -ge 1 ]] || mb_die "no config given: sbatch slurm/train.sbatch CONFIG [--set TABLE.KEY=VALUE]..."
     MB_CONFIG=$1
@@ -40,9 +41,18 @@ mb_parse_train_args() {
     [[ -f $MB_CONFIG ]] || mb_die "config $MB_CONFIG not found (relative paths start at the submit directory $PWD)"
     # shellcheck disable=SC2034  # read by the scripts that source this file
     MB_TRAIN_ARGS=("$@")
-    MB_SETS=()
+    MB_SETS=() MB_OUT=""
     while [[ $# -gt 0 ]]; do
         case $1 in
+            --out)
+                [[ $# -ge 2 ]] || mb_die "--out needs a file"
+                MB_OUT=$2
+                shift 2
+                ;;
+            --out=*)
+                MB_OUT=${1#--out=}
+                shift
+                ;;
             --set)
                 [[ $# -ge 2 ]] || mb_die "--set needs TABLE.KEY=VALUE"
                 MB_SETS+=("$2")
@@ -131,47 +141,145 @@ if size != want and first:
 sys.exit(size != want and first)' "$1" "${MB_LAUNCH[*]}" || exit 2
 }
 
-# mb_on_signals: what the batch shell does with USR1, from its first line on (without
-# a trap, USR1 ends bash). Submitted with --signal=B:USR1@SECONDS, a job gets USR1 that
-# long before its time limit.
+# Signals, time limits and requeue. The choice: --signal goes to the batch shell
+# (B:USR1@SECONDS, set in every training script), never straight to the steps, because
+# only the batch shell can requeue the job, and Slurm does not requeue a job that hits
+# its time limit. The shell answers USR1 by having every rank sent SIGTERM (below):
+# each run writes a checkpoint and stops cleanly, exit code 143. The shell then runs
+# `scontrol requeue`; the job starts again from the top of its script with
+# SLURM_RESTART_COUNT=1, 2, ..., and mb_resume_args passes --resume. USR1 is not passed
+# on as USR1 ("checkpoint and go on"): the job would still be killed at its limit, and
+# never requeued.
 #
-# RESUME PLUGS IN HERE (issue 11, item 3): forward USR1 to the running step
-# (kill -USR1 "$MB_STEP"; srun passes it on to every rank) so the run writes a
-# checkpoint, then `scontrol requeue "$SLURM_JOB_ID"`; mb_resume_args adds the resume
-# option when the requeued job starts again. Until runs can checkpoint, USR1 is only
-# logged: forwarding it would kill ranks that have no handler for it.
+# How SIGTERM reaches the ranks differs by launcher (mb_stop_step): srun forwards most
+# signals to its tasks, but its own SIGTERM it turns into SIGKILL ("srun: forcing job
+# termination"), so the shell asks Slurm to signal the job's steps instead (scancel
+# --signal=TERM, which leaves the batch shell and srun alone); Hydra's mpiexec forwards
+# SIGTERM to every rank, so the shell sends it to mpiexec.
+#
+# SIGTERM to the whole job (scancel, the time limit itself, preemption, `scontrol
+# requeue` by an operator) reaches every process of the job from Slurm at once. The
+# shell forwards it too (a repeat is harmless) and waits for the step, within Slurm's
+# KillWait, so the ranks can write their checkpoint and stop; a job that Slurm or an
+# operator requeues then resumes by itself. Seen here with both launchers, but with srun
+# it is a race: srun answers its own SIGTERM with "forcing job termination", and a run
+# that loses it resumes from its last periodic checkpoint (checkpoint.every). For a
+# planned requeue, checkpoint first: `scancel --signal=USR1 JOB` reaches the ranks (the
+# steps, not the batch shell), which write one and go on; then `scontrol requeue JOB`.
+MB_STEP="" MB_STOP="" MB_REQUEUE=0
+# Self-requeues allowed per job, so that a run that cannot make progress (a --signal
+# lead longer than the time limit) does not requeue forever.
+MAX_REQUEUES=${MPIBELIEF_MAX_REQUEUES:-20}
+
+# mb_on_signals: install the traps, from the script's first lines on (without a trap,
+# USR1 ends bash).
 mb_on_signals() {
-    trap 'mb_log "USR1: time limit near; this run cannot checkpoint yet, it runs on"' USR1
+    trap 'mb_stop USR1' USR1
+    trap 'mb_stop TERM' TERM
 }
 
-# mb_run N ARGS...: run `python ARGS` on N ranks and return its exit status.
+# mb_stop USR1|TERM: ask the running step to checkpoint and stop; USR1 also asks for a
+# requeue once it has. Before any step runs, TERM ends the script and USR1 is kept
+# for mb_run, which then launches nothing.
+mb_stop() {
+    MB_STOP=$1
+    local why="the job is ending"
+    if [[ $1 == USR1 ]]; then
+        MB_REQUEUE=1
+        why="time limit near"
+    fi
+    if [[ -n $MB_STEP ]] && kill -0 "$MB_STEP" 2>/dev/null; then
+        mb_log "$1 ($why): SIGTERM to every rank, each checkpoints and stops"
+        mb_stop_step
+    elif [[ $1 == TERM ]]; then
+        mb_log "TERM ($why) while no run is going: stopping"
+        exit 143
+    fi
+}
+
+# mb_job: this job as scontrol and scancel name it. An array task's SLURM_JOB_ID may
+# equal its SLURM_ARRAY_JOB_ID, which names the whole array: use ARRAY_TASK instead.
+mb_job() {
+    if [[ -n ${SLURM_ARRAY_TASK_ID:-} ]]; then
+        echo "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
+    else
+        echo "$SLURM_JOB_ID"
+    fi
+}
+
+# mb_stop_step: SIGTERM to every rank of the running step (see the top of this part).
+mb_stop_step() {
+    case $LAUNCHER in
+        srun) scancel --signal=TERM "$(mb_job)" || true ;;
+        *) kill -TERM "$MB_STEP" 2>/dev/null || true ;;
+    esac
+}
+
+# mb_requeue RC: after a step stopped on USR1, put the job back in the queue (it
+# resumes from the checkpoint just written) and end the script.
+mb_requeue() {
+    local rc=$1 restarts=${SLURM_RESTART_COUNT:-0}
+    if [[ $restarts -ge $MAX_REQUEUES ]]; then
+        mb_log "not requeued: restarted $restarts times already (MPIBELIEF_MAX_REQUEUES=$MAX_REQUEUES)"
+    else
+        # The requeue ends this attempt at once (SIGTERM to this shell): say it first.
+        mb_log "requeueing job $(mb_job) (restart $((restarts + 1))): it resumes from its checkpoint"
+        trap 'exit "$rc"' TERM
+        scontrol requeue "$(mb_job)" || mb_log "scontrol refused the requeue (submitted with" \
+            "--no-requeue?): resubmit the same command with --resume to continue"
+    fi
+    exit "$rc"
+}
+
+# mb_run N ARGS...: run `python ARGS` on N ranks and return its exit status; a step
+# stopped for a requeue (USR1) does not return: mb_requeue ends the script.
 #
 # The step runs in the background so that the shell can take signals while it runs
 # (bash runs a trap only between foreground commands).
 mb_run() {
     mb_launcher "$1"
     shift
-    mb_log "launch: ${MB_LAUNCH[*]} $PYTHON $*"
-    "${MB_LAUNCH[@]}" "$PYTHON" "$@" &
-    MB_STEP=$!
     local rc
-    while :; do
-        wait "$MB_STEP" && rc=0 || rc=$?
-        kill -0 "$MB_STEP" 2>/dev/null || break  # wait was cut short by a signal
-    done
+    if [[ -n $MB_STOP ]]; then
+        mb_log "$MB_STOP came before the launch: not starting the run"
+        rc=143
+    else
+        mb_log "launch: ${MB_LAUNCH[*]} $PYTHON $*"
+        "${MB_LAUNCH[@]}" "$PYTHON" "$@" &
+        MB_STEP=$!
+        while :; do
+            wait "$MB_STEP" && rc=0 || rc=$?
+            kill -0 "$MB_STEP" 2>/dev/null || break  # wait was cut short by a signal
+        done
+        MB_STEP=""
+    fi
+    # A run that completed before the signal reached it has nothing left to resume.
+    if [[ $MB_REQUEUE -eq 1 && $rc -ne 0 ]]; then
+        mb_requeue "$rc"
+    fi
     return "$rc"
 }
 
-# mb_resume_args: sets MB_RESUME, the arguments for a job that Slurm has requeued
-# (SLURM_RESTART_COUNT > 0). RESUME PLUGS IN HERE: set it to the option that resumes
-# from this run's checkpoint. Until then a requeued job (sbatch --requeue) starts
-# over, and says so.
+# mb_resume_args: sets MB_RESUME, the arguments that make a requeued job
+# (SLURM_RESTART_COUNT > 0) continue its run, and MB_DONE=1 when the run had already
+# completed. A first attempt gets none: an existing result file is then someone's
+# earlier run, and the run refuses it unless the submit line says --resume or
+# --overwrite. slurm/resume.py decides from the result file and its checkpoints.
+# shellcheck disable=SC2034  # MB_RESUME and MB_DONE are read by the scripts
 mb_resume_args() {
-    # shellcheck disable=SC2034  # read by the scripts that source this file
-    MB_RESUME=()
-    if [[ ${SLURM_RESTART_COUNT:-0} -gt 0 ]]; then
-        mb_log "restart $SLURM_RESTART_COUNT of job $SLURM_JOB_ID: no checkpoints yet, starting over"
-    fi
+    MB_RESUME=() MB_DONE=0
+    [[ ${SLURM_RESTART_COUNT:-0} -gt 0 ]] || return 0
+    local decision action why out_arg=()
+    [[ -n $MB_OUT ]] && out_arg=(--out "$MB_OUT")
+    decision=$("$PYTHON" "$MB_SLURM_DIR/resume.py" --job "$SLURM_JOB_ID" "${out_arg[@]}" \
+        "$MB_CONFIG" "${MB_SETS[@]}") || exit 2
+    IFS=$'\t' read -r action why <<<"$decision"
+    mb_log "restart $SLURM_RESTART_COUNT of job $SLURM_JOB_ID: $why"
+    case $action in
+        resume) MB_RESUME=(--resume) ;;
+        overwrite) MB_RESUME=(--overwrite) ;;
+        done) MB_DONE=1 ;;
+    esac
 }
 
 # mb_job_header: what runs where, at the top of every job's output file.

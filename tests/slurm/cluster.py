@@ -26,6 +26,10 @@ DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "squeue", "sinfo", "scontrol", "scancel", "srun")
 PARTITION = "mpibtest"
 CPUS = 8  # a 5-rank Downpour job and a 1-rank plot job fit at once
+# A requeued job may start again only after the step credentials of its last attempt
+# expire (default 120 s): 20 s is ample for a step launch here and keeps the requeue
+# tests short.
+CRED_EXPIRE = 20
 # Terminal job states: a job in any other state may still change.
 DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
         "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
@@ -59,7 +63,7 @@ SlurmUser={user}
 SlurmdUser={user}
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={root}/munge.socket
+AuthInfo=socket={root}/munge.socket,cred_expire={CRED_EXPIRE}
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool
 SlurmctldPidFile={root}/slurmctld.pid

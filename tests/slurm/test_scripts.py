@@ -82,3 +82,41 @@ def test_campaign_refuses_a_config_without_a_size():
     result = dry_run("-n", "plan", "configs/demo.toml")  # layout.replicas = 0 fills the world
     assert result.returncode == 2
     assert result.stderr.startswith("mpibelief: error: layout.replicas = 0 fills the world")
+
+
+def requeued(job: str, *args) -> str:
+    """What slurm/resume.py tells a requeued job `job` to do."""
+    result = subprocess.run([sys.executable, str(SLURM / "resume.py"), "--job", job, *args],
+                            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split("\t")[0]
+
+
+def test_a_requeued_job_resumes_starts_over_or_stops_as_its_files_say(tmp_path, monkeypatch):
+    import numpy as np
+
+    from mpibelief import checkpoint
+    from mpibelief.results import ResultWriter
+
+    out = tmp_path / "r.h5"
+    args = ("--out", str(out), "configs/sgd.toml")
+    assert requeued("7", *args) == "start"
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    writer = ResultWriter(out, {})  # what job 7's first attempt left: running, no checkpoint
+    assert requeued("7", *args) == "overwrite"
+    assert requeued("8", *args) == "refuse"  # not its run: the run itself will refuse it
+    folder = checkpoint.folder_for(out)
+    sha = checkpoint.write_part(folder, 1, 0, {"params": np.zeros(3, np.float32)})
+    manifest = checkpoint.write_manifest(folder, 1, {}, [sha])
+    assert requeued("7", *args) == "resume"
+    # A checkpoint older than the run: an earlier run's, left by --overwrite.
+    os.utime(manifest, (manifest.stat().st_mtime - 3600,) * 2)
+    assert requeued("7", *args) == "overwrite"
+    sha = checkpoint.write_part(folder, 2, 0, {"params": np.zeros(3, np.float32)})
+    checkpoint.write_manifest(folder, 2, {}, [sha])
+    assert requeued("7", *args) == "resume"
+    writer.close("complete")
+    assert requeued("7", *args) == "done"
+    # Without --out the result file is the config's: results_dir/run.name.h5.
+    assert requeued("7", "configs/sgd.toml", f"run.results_dir='{tmp_path}'",
+                    "run.name='r'") == "done"

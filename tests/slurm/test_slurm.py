@@ -8,6 +8,7 @@ read the result files and the jobs' own output files.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 import time
@@ -105,25 +106,59 @@ def test_a_launcher_without_the_right_pmi_is_one_line(slurm, tmp_path):
     assert not (tmp_path / "x.h5").exists()
 
 
-def test_usr1_reaches_the_batch_shell_and_the_run_goes_on(slurm, tmp_path):
-    """The hook that checkpointing will use: --signal=B:USR1@T signals the batch shell.
+def rows(path) -> int:
+    """Metrics rows in a (live) result file; 0 until it exists."""
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            return len(f["metrics/wall_seconds"])
+    except (OSError, KeyError):
+        return 0
 
-    Until runs can checkpoint, the script logs the signal and the run finishes.
-    """
-    out = tmp_path / "long.h5"
-    job = sbatch(slurm, tmp_path, "--ntasks=1", "slurm/train.sbatch", "configs/sgd.toml",
-                 *SMALL, "--set", "train.epochs=1000.0", "--set", "train.max_seconds=8.0",
-                 "--out", out)
-    deadline = time.monotonic() + 90
-    while "launch: srun" not in output(tmp_path, job):  # the step is running
-        assert time.monotonic() < deadline, output(tmp_path, job)
-        time.sleep(0.5)
-    time.sleep(1)
-    slurm.run("scancel", "--batch", "--signal=USR1", job)
-    states, log = finish(slurm, job, tmp_path)
+
+# Each attempt trains at most RUN_SECONDS; rows every EVAL seconds of training.
+RUN_SECONDS, EVAL = 6.0, 0.5
+LONG_RUN = ["--set", "train.epochs=10000.0", "--set", f"train.max_seconds={RUN_SECONDS}",
+            "--set", f"train.eval_every={EVAL}"]
+
+
+# Both launchers, both ways a job is requeued (the other two pairings pass as well; one
+# case costs 60-90 s here, mostly the requeued job's wait of CRED_EXPIRE and two warm-ups).
+@pytest.mark.parametrize(("launcher", "ntasks", "config", "stop", "said"), [
+    # --signal=B:USR1@T's path: the script stops the run at a checkpoint, requeues itself.
+    ("srun", 1, "configs/sgd.toml", ["scancel", "--batch", "--signal=USR1"],
+     "USR1 (time limit near): SIGTERM to every rank"),
+    # An operator's or preemption's: Slurm sends every process SIGTERM, then requeues.
+    ("mpiexec", 4, "configs/demo.toml", ["scontrol", "requeue"],
+     "TERM (the job is ending): SIGTERM to every rank"),
+])
+def test_a_requeued_job_resumes_from_its_checkpoint(slurm, tmp_path, launcher, ntasks,
+                                                    config, stop, said):
+    out = tmp_path / "rq.h5"
+    job = sbatch(slurm, tmp_path, f"--ntasks={ntasks}", "slurm/train.sbatch", config,
+                 *SMALL, *LONG_RUN, "--out", out, env={"MPIBELIEF_LAUNCHER": launcher})
+    start = time.monotonic()
+    while rows(out) < 3:  # the run is training and has recorded some rows
+        assert time.monotonic() - start < 180, output(tmp_path, job)
+        assert slurm.states(job) in (["PENDING"], ["RUNNING"]), output(tmp_path, job)
+        time.sleep(0.3)
+    slurm.run(*stop, job)
+    states, log = finish(slurm, job, tmp_path, timeout=300)
     assert states == ["COMPLETED"], log
-    assert "USR1: time limit near" in log
-    assert read_metrics(out)[0]["status"] == "complete"
+    assert slurm.jobs(job)[0]["Restarts"] == "1", log
+    first, _, second = log.partition(f"restart 1 of job {job}: resuming")
+    assert said in first and "stopped: SIGTERM (checkpoint" in first, log
+    written = re.findall(r"mpibelief: wrote checkpoint (\d+)", first)
+    assert second and written, log
+    with h5py.File(out) as f:
+        assert f.attrs["status"] == "complete" and f.attrs["slurm_job_id"] == job
+        assert f.attrs["resumed_from"] == int(written[-1])  # the one the stop wrote
+        wall, samples = f["metrics/wall_seconds"][()], f["metrics/samples"][()]
+    # Continuous across the requeue: no repeated rows, nothing undone, no hole (a
+    # second attempt whose clock restarted at 0 would repeat the first one's times),
+    # and the second attempt's RUN_SECONDS of training on top of the first's rows.
+    assert (wall[1:] > wall[:-1]).all() and (samples[1:] >= samples[:-1]).all(), (wall, samples)
+    assert (wall[1:] - wall[:-1]).max() < 5 * EVAL, wall
+    assert wall[-1] > RUN_SECONDS, wall
 
 
 def campaign(slurm, tmp_path, *args) -> dict[str, str]:
