@@ -12,6 +12,7 @@ algorithm's entry point for this rank's role.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 from collections import Counter
 from pathlib import Path
@@ -166,6 +167,8 @@ def _open_results(cfg, comm, lay, data, model, path, hosts, overwrite, state):
         writer = ResultWriter.reopen(path, state["metrics_rows"], attrs)
     else:
         writer = ResultWriter(path, attrs, overwrite)
+        # A replaced run's checkpoints go with it: --resume must never find them.
+        shutil.rmtree(checkpoint.folder_for(path), ignore_errors=True)
     here = socket.gethostname()
     guard.start_janitor(path, {r: pid for r, (h, pid) in enumerate(hosts) if h == here},
                         comm.rank)

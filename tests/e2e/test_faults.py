@@ -97,8 +97,12 @@ def test_a_second_run_never_replaces_the_first(tmp_path):
     second = cli("train", "configs/sgd.toml", *SMALL, "--set", "train.lr=1e30", "--out", out)
     assert_one_line_error(second, "exists: pass --overwrite")
     assert status(out) == "complete" and rows(out) == before
+    folder = checkpoint.folder_for(out)
+    folder.mkdir()
+    (folder / "1.h5").write_text("the replaced run's checkpoint")
     third = cli("train", "configs/sgd.toml", *SMALL, "--out", out, "--overwrite")
     assert third.returncode == 0, third.stderr
+    assert not folder.exists()  # a replaced run's checkpoints cannot be resumed by mistake
 
 
 def test_a_result_path_that_is_an_input_is_refused(tmp_path):
