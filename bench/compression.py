@@ -43,7 +43,9 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-from jobs import BIN, REPO, floats, launch  # bench/jobs.py, beside this file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/jobs.py, beside this file
+from jobs import BIN, REPO, floats, launch  # noqa: E402
 
 GOAL_RATIO, GOAL_POINTS = 100.0, 0.01
 

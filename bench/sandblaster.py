@@ -41,7 +41,9 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-from jobs import BIN, REPO, counts, launch  # bench/jobs.py, beside this file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/jobs.py, beside this file
+from jobs import BIN, REPO, counts, launch  # noqa: E402
 
 GOAL = 0.30
 KINDS = {"even": (False, True), "off": (True, False), "on": (True, True)}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -65,6 +66,13 @@ def wait_for(predicate, timeout: float = 60, what: str = "") -> None:
         if time.monotonic() > deadline:
             pytest.fail(f"gave up waiting for {what} after {timeout}s")
         time.sleep(0.2)
+
+
+def names_dead(text: str, rank: int) -> bool:
+    """The janitor names the rank that died first, or every rank found dead in the
+    same wake-up when the launcher killed the others within microseconds."""
+    return bool(re.search(rf"(rank {rank}|one of ranks \[[^\]]*\b{rank}\b[^\]]*\]) died",
+                          text))
 
 
 def status(path: Path) -> str:
@@ -182,8 +190,8 @@ def test_a_killed_rank_is_named_and_recorded(tmp_path):
               "faults.kill_after=1.0", "--out", out)
     code, _, err = job.wait(60)
     assert code != 0 and time.monotonic() - start < 45
-    assert "mpibelief: error: rank 3 died" in err, err
-    assert status(out).startswith("failed: rank 3 died")
+    assert "mpibelief: error: " in err and names_dead(err, 3), err
+    assert status(out).startswith("failed: ") and names_dead(status(out), 3)
 
 
 def test_ctrl_c_is_one_line_and_recorded(tmp_path):
@@ -247,7 +255,7 @@ def test_kill_then_resume_has_no_gap_and_no_repeats(tmp_path):
     job = Job(*DOWNPOUR, *LONG, *ckpt, "--set", "faults.kill_rank=4", "--set",
               "faults.kill_after=3.0", "--out", out)
     code, _, err = job.wait(60)
-    assert code != 0 and time.monotonic() - start < 45 and "rank 4 died" in err, err
+    assert code != 0 and time.monotonic() - start < 45 and names_dead(err, 4), err
     job = Job(*DOWNPOUR, "--set", "train.epochs=500.0", "--set", "train.max_seconds=2.0",
               *ckpt, "--out", out, "--resume")
     code, _, err = job.wait(60)
@@ -272,9 +280,10 @@ def test_resume_refuses_another_config_naming_the_key(tmp_path):
 
 def test_downpour_finishes_without_a_stopped_replica(tmp_path):
     out = tmp_path / "s.h5"
-    result = cli(*DOWNPOUR, "--set", "train.epochs=60.0", "--set", "faults.stop_replica=1",
-                 "--set", "faults.stop_after=1.0", "--set", "faults.replica_timeout=2.0",
-                 "--out", out, np=5, mpi=True, timeout=120)
+    # Long epochs, bounded by time: a fast machine must not finish before the fault.
+    result = cli(*DOWNPOUR, *LONG, "--set", "train.max_seconds=6.0", "--set",
+                 "faults.stop_replica=1", "--set", "faults.stop_after=1.0", "--set",
+                 "faults.replica_timeout=2.0", "--out", out, np=5, mpi=True, timeout=120)
     assert result.returncode == 0, result.stderr
     with h5py.File(out) as f:
         assert f.attrs["status"].startswith("complete without 1 failed replica")
@@ -286,10 +295,11 @@ def test_downpour_finishes_without_a_stopped_replica(tmp_path):
 def test_a_hung_replica_cannot_hang_the_job(tmp_path):
     out = tmp_path / "h.h5"
     start = time.monotonic()
-    result = cli(*DOWNPOUR, "--set", "train.epochs=30.0", "--set", "faults.stop_replica=1",
-                 "--set", "faults.stop_after=1.0", "--set", "faults.stop_mode='hang'",
-                 "--set", "faults.replica_timeout=2.0", "--set", "faults.stall_seconds=3.0",
-                 "--out", out, np=5, mpi=True, timeout=120)
+    result = cli(*DOWNPOUR, *LONG, "--set", "train.max_seconds=6.0", "--set",
+                 "faults.stop_replica=1", "--set", "faults.stop_after=1.0", "--set",
+                 "faults.stop_mode='hang'", "--set", "faults.replica_timeout=2.0",
+                 "--set", "faults.stall_seconds=3.0", "--out", out, np=5, mpi=True,
+                 timeout=120)
     assert result.returncode != 0 and time.monotonic() - start < 90
     assert_one_line_error(result, "stopped answering")
     with h5py.File(out) as f:

@@ -83,7 +83,7 @@ AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 ReturnToService=2
 MinJobAge=3600
-KillWait=5
+KillWait=30
 NodeName={host} NodeAddr=127.0.0.1 CPUs={CPUS} State=UNKNOWN
 PartitionName={PARTITION} Nodes={host} Default=NO MaxTime=60 State=UP
 """
