@@ -87,7 +87,8 @@ def server(ctx) -> ParameterServer:
     ranges += [param_layout.partition(lay.roles[w].partition) for w in workers]
     return ParameterServer(ctx.comms.world, ctx.model.n_params, lay.shard_ranks(),
                            [lay.coordinator_rank, *workers], Optimizer("sgd", 1.0),
-                           ranges=ranges, clock=ctx.clock)
+                           ranges=ranges, clock=ctx.clock,
+                           stall_seconds=ctx.cfg.faults.stall_seconds)
 
 
 def shard(ctx) -> None:

@@ -7,9 +7,11 @@ with a deadline.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
+import time
 
 import h5py
 import numpy as np
@@ -123,3 +125,20 @@ def test_a_hung_sandblaster_replica_cannot_hang_the_job(tmp_path):
         assert "ranks" in f and "server" in f
     t = table(out)
     assert (t["samples_applied"] == t["evals"] * BATCH).all()
+
+
+def test_a_stopped_shard_ends_a_sandblaster_job_naming_it(tmp_path):
+    out = tmp_path / "st.h5"
+    job = Job(*SB, *ENDLESS, "--set", "faults.stall_seconds=4.0", "--out", out, np=4)
+    wait_for(lambda: rows(out) >= 2, timeout=120, what="two metrics rows")
+    shard = rank_pid(out, 1)
+    os.kill(shard, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        code, _, err = job.wait(90)
+        assert code != 0 and time.monotonic() - start < 45
+        assert "shard rank" in err and "1" in err, err
+        assert status(out).startswith("failed")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(shard, signal.SIGCONT)
