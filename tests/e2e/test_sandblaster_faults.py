@@ -45,9 +45,12 @@ def test_sandblaster_finishes_without_a_stopped_replica(tmp_path):
     out = tmp_path / "s.h5"
     result = cli(*SB, *ENDLESS, "--set", "train.max_seconds=8.0", "--set",
                  "faults.stop_replica=1", "--set", "faults.stop_after=1.0", "--set",
-                 "faults.replica_timeout=2.0", "--out", out, np=4, mpi=True, timeout=240)
+                 "faults.replica_timeout=2.0", "--set", "checkpoint.every=2.0",
+                 "--out", out, np=4, mpi=True, timeout=240)
     assert result.returncode == 0, result.stderr
     assert "rank 3 failed (no message for" in result.stdout
+    saved = checkpoint.newest_valid(checkpoint.folder_for(out))  # timed, and it verifies
+    assert saved["number"] >= 2 and saved["sandblaster"]["next"] > 0
     t = table(out)
     with h5py.File(out) as f:
         assert f.attrs["status"].startswith("complete without 1 failed replica"), \
