@@ -227,6 +227,9 @@ def _train(ctx, driver: LBFGSDriver, coord: Coordinator, run: _Run) -> None:
     every = cfg.checkpoint.every or math.inf
     begun = run.trained["seconds"]
     next_ckpt = begun + every
+    if run.next >= cfg.sandblaster.iterations:
+        raise UserError(f"nothing to resume: the checkpoint was taken after the last of the"
+                        f" {cfg.sandblaster.iterations} iterations")
     if not run.records:
         _metrics(coord, run.trained)  # the row at time 0 (a resumed run has it)
     for k in range(run.next, cfg.sandblaster.iterations):
@@ -240,6 +243,8 @@ def _train(ctx, driver: LBFGSDriver, coord: Coordinator, run: _Run) -> None:
             run.next_eval = seconds + cfg.train.eval_every
         coord.progress.update(run.trained["samples"] - coord.progress.done,
                               loss=run.records[-1].loss)
+        if done:
+            break
         if terminate:  # Slurm's way to end a job: keep everything, then stop cleanly
             coord.stopped_by = "SIGTERM"
             coord.checkpoint()
@@ -247,8 +252,6 @@ def _train(ctx, driver: LBFGSDriver, coord: Coordinator, run: _Run) -> None:
         if seconds >= next_ckpt or signals.take_checkpoint():
             coord.checkpoint()
             next_ckpt = seconds + every
-        if done:
-            break
 
 
 def _metrics(coord: Coordinator, trained: dict) -> None:

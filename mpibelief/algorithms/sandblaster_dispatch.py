@@ -74,11 +74,12 @@ class Dispatcher:
         self._wake()
         backoff = Backoff(low=20e-6, high=5e-4)
         while not book.complete:
-            if not self._serve_one():
-                self._check_silence()
-                backoff.sleep()
-            else:
+            served = self._serve_one()
+            self._check_silence()  # every turn: a busy replica must not hide a silent one
+            if served:
                 backoff.reset()
+            else:
+                backoff.sleep()
         book.stats.wasted += book.wasted_in_flight()
         self.book = None
         return book
