@@ -111,6 +111,8 @@ def test_sandblaster_resume_repeats_the_same_next_iteration(tmp_path):
     assert (b["iteration"] == np.arange(len(b["iteration"]))).all()
     for name in ("loss_before", "loss", "grad_norm", "step"):  # restored rows: as they were
         np.testing.assert_array_equal(a[name][:k], b[name][:k])
+    rel = {n: abs(b[n][k] / a[n][k] - 1) for n in ("loss_before", "grad_norm", "loss")}
+    print(f"resumed at iteration {k} of {len(a['iteration'])}: relative differences {rel}")
     np.testing.assert_allclose(b["loss_before"][k], a["loss_before"][k], rtol=1e-9)
     np.testing.assert_allclose(b["grad_norm"][k], a["grad_norm"][k], rtol=1e-4)
     np.testing.assert_allclose(b["loss"][k], a["loss"][k], rtol=1e-4)
