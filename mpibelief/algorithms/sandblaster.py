@@ -145,13 +145,7 @@ def coordinate(ctx) -> dict:
                         name=f"sandblaster[{lay.replicas}]", supervision=supervision)
     dispatcher.on_fail = coord.fail
     _train(ctx, driver, coord, run)
-    dispatcher.stop()
-    live = [w for i, w in enumerate(workers) if i not in dispatcher.failed]
-    reports = dict(zip(live, coord.collect(live), strict=True))
-    coord.lost = {workers[i]: ctx.comms.control.irecv(source=workers[i], tag=Tag.REPORT)
-                  for i in sorted(dispatcher.failed)}
-    lost, gone = coord.gather_lost()
-    reports.update(lost)
+    reports, gone = _stop_everyone(ctx, dispatcher, coord)
     ps.stop()
     shard_stats = coord.collect(lay.shard_ranks())
     coord.progress.close()
@@ -166,6 +160,21 @@ def coordinate(ctx) -> dict:
     if coord.status():
         summary["status"] = coord.status()
     return summary
+
+
+def _stop_everyone(ctx, dispatcher: Dispatcher, coord: Coordinator) -> tuple[dict, list]:
+    """Stop the live replicas (through the dispatcher) and the failed ones (told to
+    stop, as Downpour's); returns the reports by rank and the ranks that never
+    answered (hung: :meth:`Coordinator.gather_lost`)."""
+    dispatcher.stop()
+    workers = dispatcher.ranks
+    live = [w for i, w in enumerate(workers) if i not in dispatcher.failed]
+    reports = dict(zip(live, coord.collect(live), strict=True))
+    coord.lost = {workers[i]: ctx.comms.control.irecv(source=workers[i], tag=Tag.REPORT)
+                  for i in sorted(dispatcher.failed)}
+    lost, gone = coord.gather_lost()
+    reports.update(lost)
+    return reports, gone
 
 
 def _report(records: list[BatchRecord]) -> None:
