@@ -51,6 +51,7 @@ class Dispatcher:
         self.clock, self.timeout = clock, timeout
         self.exclude, self.on_fail = exclude, on_fail
         self.failed: set[int] = set()
+        self.stopped: set[int] = set()  # failed replicas already answered "stop"
         self.holding: dict[int, float] = {}  # replica -> clock time it was given work
         self.comm, self.ranks = comm, list(ranks)
         self.index = {rank: i for i, rank in enumerate(ranks)}
@@ -85,14 +86,15 @@ class Dispatcher:
         return book
 
     def stop(self) -> None:
-        """Answer every replica ``stop`` once all are waiting (late copies drain first)."""
+        """Answer every replica ``stop`` once all live ones are waiting (late copies drain
+        first); failed ones get it too, unanswered, for when they wake."""
         backoff = Backoff(low=20e-6, high=2e-3)
         while len(self.waiting) + len(self.failed) < len(self.ranks):
             if not self._serve_one():
                 self._check_silence()
                 backoff.sleep()
-        for r in sorted(self.waiting):
-            self._send(r, ("stop",))
+        for r in sorted(self.waiting | (self.failed - self.stopped)):
+            self._send(r, ("stop",))  # a failed one still alive reads it when it wakes
         self.waiting.clear()
 
     def _serve_one(self) -> bool:
@@ -111,6 +113,7 @@ class Dispatcher:
         self.holding.pop(r, None)
         if r in self.failed:  # given up on: out of the run, whatever it says
             self.late += 1
+            self.stopped.add(r)
             self._send(r, ("stop",))
         elif kind == "ready":
             self._give(r)

@@ -147,3 +147,22 @@ def test_a_stopped_shard_ends_a_sandblaster_job_naming_it(tmp_path):
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(shard, signal.SIGCONT)
+
+
+def test_a_replica_given_up_on_that_speaks_again_counts_nothing(tmp_path):
+    """Rank 3 is alive but so slow (it sleeps 20000x each portion's compute) that it is
+    given up on while holding a portion; when it wakes and answers, it is told to stop:
+    its late results never count, and it still reports."""
+    out = tmp_path / "w.h5"
+    result = cli(*SB, *ENDLESS, "--set", "train.max_seconds=4.0", "--set",
+                 "faults.slow_rank=3", "--set", "faults.slow_factor=20000.0", "--set",
+                 "faults.replica_timeout=1.0", "--set", "faults.stall_seconds=60.0",
+                 "--out", out, np=4, mpi=True, timeout=240)
+    assert result.returncode == 0, result.stderr
+    t = table(out)
+    with h5py.File(out) as f:
+        assert list(f["failures/rank"][()]) == [3]
+        assert len(f["ranks/rank"]) == 4  # it woke, was told to stop, and reported
+    assert (t["samples_applied"] == t["evals"] * BATCH).all(), t["samples_applied"]
+    assert (t["done_by"].sum(axis=1) == t["evals"] * 8).all()
+    assert t["done_by"][:, 1].sum() <= 1  # at most one push before it was given up on
