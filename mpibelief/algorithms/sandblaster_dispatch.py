@@ -75,11 +75,10 @@ class Dispatcher:
         self._wake()
         backoff = Backoff(low=20e-6, high=5e-4)
         while not book.complete:
-            served = self._serve_one()
-            self._check_silence()  # every turn: a busy replica must not hide a silent one
-            if served:
+            if self._serve_one():
                 backoff.reset()
-            else:
+            else:  # only with nothing queued: an answer waiting to be read is not silence
+                self._check_silence()
                 backoff.sleep()
         book.stats.wasted += book.wasted_in_flight()
         self.book = None
