@@ -127,8 +127,9 @@ class CheckpointConfig:
 class FaultsConfig:
     """Fault detection, and fault injection for tests and experiments.
 
-    ``replica_timeout``: a replica that applies nothing for this many seconds is declared
-    failed and the run goes on without it (0: never).  ``stall_seconds``: any wait on
+    ``replica_timeout``: a replica that applies nothing for this many seconds (Sandblaster:
+    that sends nothing while it holds work) is declared failed and the run goes on
+    without it (0: never).  ``stall_seconds``: any wait on
     another rank longer than this ends the job with a message naming that rank.
     Injection (rank or replica -1: none): replica ``stop_replica`` stops after
     ``stop_after`` seconds (``stop_mode`` "exit": its loop ends; "hang": it stops

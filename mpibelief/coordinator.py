@@ -217,6 +217,21 @@ class Coordinator:
                                 " stopped?)") from None
         return found
 
+    def status(self) -> str | None:
+        """How the run ended, when not plainly ``complete``: told to stop, or finished
+        without the replicas it gave up on."""
+        if self.stopped_by:
+            return f"stopped: {self.stopped_by} (checkpoint written; --resume)"
+        if self.failures:
+            return (f"complete without {len(self.failures)} failed replica rank(s)"
+                    f" {[f.rank for f in self.failures]}")
+        return None
+
+    def fail(self, rank: int, reason: str) -> None:
+        """Record replica ``rank`` as given up on, now, and say so once."""
+        self.failures.append(Failure(rank, self.elapsed(), reason))
+        print(f"mpibelief: rank {rank} failed ({reason}); going on without it", flush=True)
+
     def record_failures(self) -> None:
         """``/failures``: the replicas given up on, with run seconds and reason."""
         if self.failures:
@@ -253,10 +268,7 @@ class _Watchdog:
             for rank, samples in zip(self.workers, sup.progress(), strict=True):
                 idle = self._changed(("worker", rank), int(samples), now)
                 if rank in pending and idle > self.faults.replica_timeout:
-                    reason = f"no progress for {idle:.0f} s"
-                    coord.failures.append(Failure(rank, coord.elapsed(), reason))
-                    print(f"mpibelief: rank {rank} failed ({reason}); going on without it",
-                          flush=True)
+                    coord.fail(rank, f"no progress for {idle:.0f} s")
                     pending.discard(rank)  # not waited for, for now
                     coord.lost.add(rank)
         if sup.versions is not None and pending and not stopping:

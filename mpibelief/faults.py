@@ -7,7 +7,9 @@ read through the run's clock):
 - stop a replica: its training loop ends (``stop_mode = "exit"``: it stays alive and
   silent, as a replica whose machine lost its work would) or it stops answering for good
   (``"hang"``: it sleeps outside MPI);
-- slow a rank by a factor: it sleeps ``(factor - 1)`` times its compute time;
+- slow a rank by a factor: it sleeps ``(factor - 1)`` times its compute time (through
+  the clock, so it runs slower without stealing a core); Sandblaster's own straggler
+  option (``sandblaster.slow_replica``) is the same mechanism, passed in as ``slow``;
 - kill a rank with SIGKILL, the way a machine dies: no handler, no goodbye.
 
 ``MPIBELIEF_INJECT_FAULT=RANK:STEP`` (an exception at a step) stays for the tests that
@@ -26,8 +28,16 @@ class ReplicaStoppedError(Exception):
 
 
 class Injector:
-    def __init__(self, faults, rank: int, replica: int, clock):
+    """The faults due on one rank (``replica``: its replica index, -1 for none).
+
+    Args:
+        slow: an extra slowdown factor for this rank (the larger one applies).
+    """
+
+    def __init__(self, faults, rank: int, replica: int, clock, slow: float = 1.0):
         self.faults, self.rank, self.replica, self.clock = faults, rank, replica, clock
+        mine = faults.slow_factor if faults.slow_rank == rank else 1.0
+        self.slow = max(mine, slow)
         self.start = clock.now()
         spec = os.environ.get("MPIBELIEF_INJECT_FAULT", "")
         target, _, step = spec.partition(":")
@@ -38,8 +48,8 @@ class Injector:
         f = self.faults
         if step == self.raise_at:
             raise RuntimeError(f"fault injected on rank {self.rank} at step {step}")
-        if f.slow_rank == self.rank and f.slow_factor > 1:
-            self.clock.sleep((f.slow_factor - 1) * compute_seconds)
+        if self.slow > 1:
+            self.clock.sleep((self.slow - 1) * compute_seconds)
         elapsed = self.clock.now() - self.start
         if f.kill_rank == self.rank and elapsed >= f.kill_after:
             os.kill(os.getpid(), signal.SIGKILL)

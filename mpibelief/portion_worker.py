@@ -13,11 +13,18 @@ out; the protocol and why it counts every portion exactly once are drawn in
   until they have, answer ``pushed``;
 - ``drop``: a copy of one of the portions in the sum lost the race: zero the sum,
   answer ``ready``;
-- ``stop``: return the statistics.
+- ``stop``: return the statistics (also the answer to a replica the coordinator has
+  given up on, should it speak again: it is out of the run, see below).
 
-Straggler injection for experiments: with ``slow`` > 1 the replica sleeps
-``(slow - 1)`` times what each portion's compute took, through its clock, so it runs
-``slow`` times slower without stealing a core from anyone.
+Faults, through the rank's :class:`~mpibelief.faults.Injector`, after every portion:
+a straggler (``sandblaster.slow_replica`` or ``faults.slow_rank``) sleeps
+``(factor - 1)`` times what the portion's compute took, through its clock, so it runs
+that much slower without stealing a core from anyone; a stopped replica
+(``faults.stop_replica``) goes silent holding its unpushed sum, exactly as a replica
+whose machine lost its work, until the coordinator tells it to stop
+(:attr:`~mpibelief.comm.Tag.STOP`) and it reports.  The coordinator notices the
+silence (``faults.replica_timeout``), reopens its portions, and has the shards refuse
+its pushes from then on (:mod:`mpibelief.algorithms.sandblaster_dispatch`).
 
 Model parallelism (``P`` > 1), not built yet: each partition of a replica is a
 parameter-server client over its own range (as in Downpour) and pulls and pushes only
@@ -31,6 +38,7 @@ from __future__ import annotations
 import numpy as np
 
 from mpibelief.comm import Tag, quiet_recv
+from mpibelief.faults import Injector, ReplicaStoppedError
 from mpibelief.portions import batch_rows
 from mpibelief.worker import WorkerStats
 
@@ -45,13 +53,14 @@ class PortionWorker:
         data: the whole dataset (a batch draws from all of it).
         batch, seed: what :func:`~mpibelief.portions.batch_rows` needs.
         clock: the run's clock.
-        slow: straggler factor (1 = full speed).
+        injector: the faults due on this rank (default: none).
     """
 
     def __init__(self, rank: int, model, store, data, batch: int, seed: int, clock,
-                 slow: float = 1.0, lo: int = 0, hi: int | None = None):
+                 injector: Injector | None = None, lo: int = 0, hi: int | None = None):
         self.model, self.store, self.data, self.clock = model, store, data, clock
-        self.batch, self.seed, self.slow = batch, seed, slow
+        self.batch, self.seed = batch, seed
+        self.injector = injector
         hi = model.n_params if hi is None else hi
         self.params, self.grads = model.params[lo:hi], model.grads[lo:hi]
         self.sum = np.zeros_like(self.grads)
@@ -82,13 +91,13 @@ class PortionWorker:
         self.sum += np.float32(n) * self.grads
         spent = self.clock.now() - tick
         self.stats.compute_seconds += spent
-        if self.slow > 1:
-            self.clock.sleep((self.slow - 1) * spent)
         self.summed += n
         self.stats.steps += 1
         self.stats.samples += n
         if not np.isfinite(loss):
             self.stats.nonfinite += 1
+        if self.injector is not None:  # may sleep, or stop this replica for good
+            self.injector.after_step(self.stats.steps, spent)
         return float(loss) * n
 
     def push(self) -> None:
@@ -114,6 +123,16 @@ class PortionWorker:
         """Answer the coordinator until it says stop; returns the statistics."""
         self.warm()
         start = self.clock.now()
+        try:
+            self._answer(comm, coordinator)
+        except ReplicaStoppedError:  # injected: silent from now on, until told to stop
+            quiet_recv(comm, source=coordinator, tag=Tag.STOP)
+        cs = self.store.stats
+        self.stats.bytes_pushed, self.stats.bytes_pulled = cs.bytes_pushed, cs.bytes_pulled
+        self.stats.train_seconds = self.clock.now() - start
+        return self.stats
+
+    def _answer(self, comm, coordinator: int) -> None:
         comm.send(("ready",), dest=coordinator, tag=Tag.WORK)
         while True:
             tick = self.clock.now()
@@ -132,7 +151,3 @@ class PortionWorker:
                 self.drop()
                 answer = ("ready",)
             comm.send(answer, dest=coordinator, tag=Tag.WORK)
-        cs = self.store.stats
-        self.stats.bytes_pushed, self.stats.bytes_pulled = cs.bytes_pushed, cs.bytes_pulled
-        self.stats.train_seconds = self.clock.now() - start
-        return self.stats

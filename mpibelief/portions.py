@@ -36,6 +36,13 @@ unpushed portions would otherwise hold the whole batch hostage while it computes
 next portion; here its unpushed portions stay *open*, so backups can take them over.
 And in the tail (fewer fresh portions left than replicas) every replica pushes after
 each portion, so little is ever held back when the batch ends.
+
+A failed replica (:meth:`PortionBook.fail`: silent too long while holding work) is
+treated as one whose sum was dropped: its copies and its pending portions are open
+again, for the others to take as fresh work.  If it failed between PUSH and PUSHED,
+its committed portions count only if its push reached the shards (the caller has the
+shards refuse its pushes first, then asks what they summed); otherwise they are
+uncommitted and open again.  A failed replica is never given work again.
 """
 
 from __future__ import annotations
@@ -65,10 +72,11 @@ class PortionBook:
         push_every: portions a replica sums before it pushes (outside the tail).
         backups: hand out copies of outstanding portions once none is fresh.
         max_copies: most replicas holding one portion at a time (with the original).
+        failed: replicas given up on before this evaluation (never given work).
     """
 
     def __init__(self, sizes: list[int], replicas: int, push_every: int = 1,
-                 backups: bool = True, max_copies: int = 2):
+                 backups: bool = True, max_copies: int = 2, failed: set[int] | None = None):
         self.sizes, self.replicas = list(sizes), replicas
         self.push_every, self.backups, self.max_copies = push_every, backups, max_copies
         self.fresh = deque(range(len(sizes)))
@@ -77,6 +85,9 @@ class PortionBook:
         self.pending: list[list[int]] = [[] for _ in range(replicas)]
         self.losses: list[float] = [0.0] * replicas  # loss sums of pending portions
         self.pushing: set[int] = set()
+        self.inflight: dict[int, tuple[list[int], float]] = {}  # commanded, not yet PUSHED
+        self.confirmed = [0] * replicas  # samples each replica's PUSHED sums cover
+        self.failed = set(failed or ())
         self.loss_sum = 0.0  # over committed portions
         self.stats = BookStats(done_by=[0] * replicas)
 
@@ -127,13 +138,14 @@ class PortionBook:
             return DROP
         self.pending[r].append(p)
         self.losses[r] += loss_sum
-        tail = len(self.fresh) < self.replicas
+        tail = len(self.fresh) < self.replicas - len(self.failed)
         if len(self.pending[r]) < self.push_every and not tail:
             return CONTINUE
         for q in self.pending[r]:
             self.committed[q] = r
         self.stats.done_by[r] += len(self.pending[r])
         self.loss_sum += self.losses[r]
+        self.inflight[r] = (self.pending[r], self.losses[r])
         self.pending[r], self.losses[r] = [], 0.0
         self.pushing.add(r)
         return PUSH
@@ -141,6 +153,29 @@ class PortionBook:
     def pushed(self, r: int) -> None:
         """Replica ``r`` pushed its committed sum, and the shards have summed it."""
         self.pushing.discard(r)
+        portions, _ = self.inflight.pop(r, ([], 0.0))
+        self.confirmed[r] += sum(self.sizes[q] for q in portions)
+
+    def inflight_samples(self, r: int) -> int:
+        """Samples in the push replica ``r`` was told to make and has not confirmed."""
+        return sum(self.sizes[q] for q in self.inflight.get(r, ([], 0.0))[0])
+
+    def fail(self, r: int, landed: bool = False) -> None:
+        """Give up on replica ``r``: what it holds or has finished unpushed is open
+        again; its commanded push counts only if it ``landed`` on the shards."""
+        self.failed.add(r)
+        for who in self.holders.values():
+            who.discard(r)
+        self.pending[r], self.losses[r] = [], 0.0
+        portions, loss = self.inflight.pop(r, ([], 0.0))
+        self.pushing.discard(r)
+        if landed:
+            self.confirmed[r] += sum(self.sizes[q] for q in portions)
+            return
+        for q in portions:
+            del self.committed[q]
+        self.loss_sum -= loss
+        self.stats.done_by[r] -= len(portions)
 
     def wasted_in_flight(self) -> int:
         """Copies still being computed by some replica for committed portions."""

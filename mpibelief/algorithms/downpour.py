@@ -71,12 +71,12 @@ def server(ctx) -> ParameterServer:
 
 def shard(ctx) -> None:
     ps = server(ctx)
-    stats = ps.serve(tick=_sigterm_notice(ctx))
+    stats = ps.serve(tick=sigterm_notice(ctx))
     quiet_send(ctx.comms.control, stats, [ctx.comms.coordinator], Tag.REPORT)
     ps.free()
 
 
-def _sigterm_notice(ctx):
+def sigterm_notice(ctx):
     """A per-loop hook: pass a SIGTERM this rank got on to the coordinator, once."""
     told = []
 
@@ -142,7 +142,7 @@ class _stop_check:  # noqa: N801 - used as a function: stop() -> bool
 
     def __init__(self, ctx):
         self.comm, self.source = ctx.comms.control, ctx.comms.coordinator
-        self.notice = _sigterm_notice(ctx)
+        self.notice = sigterm_notice(ctx)
         self.told = False
 
     def __call__(self) -> bool:
@@ -213,11 +213,8 @@ def _close(ctx, coord, client, reports: dict, shard_stats: list) -> dict:
     if coord.error is not None:
         raise coord.error
     summary = {"train_seconds": row["wall_seconds"], **row}
-    if coord.failures:
-        summary["status"] = (f"complete without {len(coord.failures)} failed replica"
-                             f" rank(s) {[f.rank for f in coord.failures]}")
-    if coord.stopped_by:
-        summary["status"] = f"stopped: {coord.stopped_by} (checkpoint written; --resume)"
+    if coord.status():
+        summary["status"] = coord.status()
     return summary
 
 
@@ -229,6 +226,15 @@ def _seed_shards(ctx, ps, client) -> tuple[list[int], float]:
     if ctx.resume is None:
         client.load(_shards_order(ctx.model, ctx.layout.partitions))
         return [0] * ctx.layout.replicas, 0.0
+    restore_shards(ctx, ps, client)
+    per_worker = ps.samples_applied()[1:]
+    per_replica = np.asarray(per_worker).reshape(ctx.layout.replicas, -1).min(axis=1)
+    return [int(s) // ctx.cfg.train.batch for s in per_replica], ctx.resume["wall_seconds"]
+
+
+def restore_shards(ctx, ps, client) -> None:
+    """The shards load their parts of the checkpoint being resumed (``ctx.resume``); the
+    result file records which, and the digest of the parameters restored."""
     number = ctx.resume["number"]
     for answer in ps.command("restore", str(ctx.checkpoints), number, reply=True):
         if answer != "ok":
@@ -239,9 +245,6 @@ def _seed_shards(ctx, ps, client) -> tuple[list[int], float]:
         ordered, ctx.layout.partitions)
     ctx.writer.set_attrs({"resumed_from": number, "resume_params_sha256":
                           checkpoint.digest({"params": ctx.model.params})})
-    per_worker = ps.samples_applied()[1:]
-    per_replica = np.asarray(per_worker).reshape(ctx.layout.replicas, -1).min(axis=1)
-    return [int(s) // ctx.cfg.train.batch for s in per_replica], ctx.resume["wall_seconds"]
 
 
 def _shards_order(model, partitions: int) -> np.ndarray:
@@ -249,8 +252,12 @@ def _shards_order(model, partitions: int) -> np.ndarray:
     return model.params if partitions == 1 else model.to_layout(model.params, partitions)
 
 
-def write_checkpoint(ctx, ps, coord) -> int:
-    """Every shard writes its part, then the manifest commits them; returns its number."""
+def write_checkpoint(ctx, ps, coord, extra: dict | None = None) -> int:
+    """Every shard writes its part, then the manifest commits them; returns its number.
+
+    ``extra``: the algorithm's own coordinator state, saved in the manifest beside the
+    run's (JSON-able).
+    """
     folder = ctx.checkpoints
     number = max(checkpoint.numbers(folder), default=0) + 1
     parts = ps.command("checkpoint", str(folder), number, reply=True)
@@ -259,7 +266,7 @@ def write_checkpoint(ctx, ps, coord) -> int:
         raise UserError(f"checkpoint {number} failed: {errors[0]}")
     state = {"config": ctx.cfg.to_toml(), "algorithm": ctx.cfg.run.algorithm,
              "n_params": ctx.model.n_params, "wall_seconds": coord.elapsed(),
-             "metrics_rows": ctx.writer.rows()}
+             "metrics_rows": ctx.writer.rows(), **(extra or {})}
     checkpoint.write_manifest(folder, number, state, parts, ctx.cfg.checkpoint.keep)
     return number
 

@@ -19,21 +19,41 @@ replicas) is counted per batch; its pulls for evaluation are not training and ar
 counted apart, in ``/ranks``.  Partitioned replicas (``P`` > 1) are not built yet: the
 server already gives each partition its own client range, and the shards count samples
 per client (see :mod:`mpibelief.portion_worker`).
+
+Faults.  A replica silent for ``faults.replica_timeout`` seconds while it holds work is
+given up on (:mod:`~mpibelief.algorithms.sandblaster_dispatch`): recorded in
+``/failures``, its portions reassigned, its later pushes refused by the shards; every
+batch still sums exactly its batch size.  Checkpoints are taken between batches (every
+``checkpoint.every`` seconds of training, on SIGUSR1, and on SIGTERM before a clean
+stop), when nothing is in flight: each shard writes its slice of every vector (the
+parameters ``x``, the gradient ``g``, the history pairs), the manifest the
+coordinator's scalars (the next iteration, the L-BFGS ``rho`` and ``gamma``, the
+counters and the ``/sandblaster`` rows so far, see :class:`_Run`).  ``--resume``
+restores both and runs the same next iteration on the same batch from the very bits
+checkpointed; only the float32 sums of the replicas' pushes may add up in another
+order, as they may in any two runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
 from mpibelief.algorithms import Algorithm, register
-from mpibelief.algorithms.downpour import replica_samples
+from mpibelief.algorithms.downpour import (
+    replica_samples,
+    restore_shards,
+    sigterm_notice,
+    write_checkpoint,
+)
 from mpibelief.algorithms.sandblaster_dispatch import Dispatcher
 from mpibelief.algorithms.sandblaster_lbfgs import BatchRecord, LBFGSDriver
 from mpibelief.comm import Tag, quiet_send
-from mpibelief.coordinator import Coordinator
-from mpibelief.errors import ConfigError
+from mpibelief.coordinator import Coordinator, Supervision
+from mpibelief.errors import ConfigError, UserError
+from mpibelief.faults import Injector
 from mpibelief.layout import COORDINATOR, SHARD, WORKER
 from mpibelief.optim import Optimizer
 from mpibelief.portion_worker import PortionWorker
@@ -71,13 +91,14 @@ def server(ctx) -> ParameterServer:
     ranges += [param_layout.partition(lay.roles[w].partition) for w in workers]
     return ParameterServer(ctx.comms.world, ctx.model.n_params, lay.shard_ranks(),
                            [lay.coordinator_rank, *workers], Optimizer("sgd", 1.0),
-                           ranges=ranges, clock=ctx.clock)
+                           ranges=ranges, clock=ctx.clock,
+                           stall_seconds=ctx.cfg.faults.stall_seconds)
 
 
 def shard(ctx) -> None:
     ps = server(ctx)
     install(ps.shard)
-    stats = ps.serve()
+    stats = ps.serve(tick=sigterm_notice(ctx))
     quiet_send(ctx.comms.control, stats, [ctx.comms.coordinator], Tag.REPORT)
     ps.free()
 
@@ -88,72 +109,161 @@ def replica(ctx) -> None:
     ps = server(ctx)
     lo, hi = ctx.model.layout(ctx.layout.partitions).partition(role.partition)
     slow = sb.slow_factor if role.index == sb.slow_replica else 1.0
+    injector = Injector(cfg.faults, ctx.rank, role.index, ctx.clock, slow)
     worker = PortionWorker(ctx.rank, ctx.model, ps.client(), ctx.data, sb.batch or
-                           len(ctx.data.y_train), cfg.run.seed, ctx.clock, slow, lo, hi)
+                           len(ctx.data.y_train), cfg.run.seed, ctx.clock, injector, lo, hi)
     stats = worker.serve(ctx.comms.control, ctx.comms.coordinator)
     quiet_send(ctx.comms.control, stats, [ctx.comms.coordinator], Tag.REPORT)
     ps.free()
 
 
 def coordinate(ctx) -> dict:
-    """Load the model, run the batches, evaluate now and then, stop everyone, write."""
+    """Load the model (or a checkpoint), run the batches, evaluate now and then, stop
+    everyone, write."""
     cfg, lay = ctx.cfg, ctx.layout
     sb = cfg.sandblaster
     ps = server(ctx)
     client = ps.client()
-    client.load(ctx.model.params)
     space = ShardSpace(ps)
-    space.copy("x", "params")
-    dispatcher = Dispatcher(ctx.comms.control, lay.worker_ranks(), sb.push_every, sb.backups,
-                            sb.max_copies)
+    if ctx.resume is None:
+        client.load(ctx.model.params)
+        space.copy("x", "params")
+    else:
+        restore_shards(ctx, ps, client)
+    workers = lay.worker_ranks()
+    dispatcher = Dispatcher(ctx.comms.control, workers, sb.push_every, sb.backups,
+                            sb.max_copies, ctx.clock, cfg.faults.replica_timeout,
+                            exclude=lambda r: space.exclude(1 + r))  # client 0: us
     driver = LBFGSDriver(space, dispatcher, lambda counts: _samples(counts, ps, lay), sb,
                          len(ctx.data.y_train), ctx.clock)
-    trained = {"seconds": 0.0, "samples": 0, "batches": 0}
+    run = _Run.resumed(ctx.resume, driver)
 
     def snapshot(out: np.ndarray) -> tuple[int, int]:
         client.pull(out)
-        return trained["batches"], trained["samples"]
+        return run.trained["batches"], run.trained["samples"]
 
+    supervision = Supervision(checkpoint=lambda: write_checkpoint(
+        ctx, ps, coord, {"sandblaster": run.state(driver)}))
     # The bar counts gradient samples: about three evaluations of the batch per step.
     coord = Coordinator(ctx, snapshot, 3 * sb.iterations * driver.batch,
-                        name=f"sandblaster[{lay.replicas}]")
-    records = _train(ctx, driver, coord, trained)
-    dispatcher.stop()
-    workers = coord.collect(lay.worker_ranks())
+                        name=f"sandblaster[{lay.replicas}]", supervision=supervision)
+    dispatcher.on_fail = coord.fail
+    _train(ctx, driver, coord, run)
+    reports, gone = _stop_everyone(ctx, dispatcher, coord)
     ps.stop()
     shard_stats = coord.collect(lay.shard_ranks())
     coord.progress.close()
-    _write(ctx.writer, records, client, shard_stats, workers, lay, dispatcher, space)
+    _write(ctx.writer, run.records, client, shard_stats, reports, lay, dispatcher, space)
+    coord.record_failures()
+    if gone:  # hung ranks cannot join the shutdown: recorded, now end the job
+        raise UserError(f"rank(s) {gone} stopped answering; the run finished without them"
+                        f" ({ctx.writer.path} is complete); ending the job")
+    _report(run.records)
+    ps.free()
+    summary = {"train_seconds": run.trained["seconds"], **coord.row}
+    if coord.status():
+        summary["status"] = coord.status()
+    return summary
+
+
+def _stop_everyone(ctx, dispatcher: Dispatcher, coord: Coordinator) -> tuple[dict, list]:
+    """Stop the live replicas (through the dispatcher) and the failed ones (told to
+    stop, as Downpour's); returns the reports by rank and the ranks that never
+    answered (hung: :meth:`Coordinator.gather_lost`)."""
+    dispatcher.stop()
+    workers = dispatcher.ranks
+    live = [w for i, w in enumerate(workers) if i not in dispatcher.failed]
+    reports = dict(zip(live, coord.collect(live), strict=True))
+    coord.lost = {workers[i] for i in dispatcher.failed}
+    lost, gone = coord.gather_lost()
+    reports.update(lost)
+    return reports, gone
+
+
+def _report(records: list[BatchRecord]) -> None:
     wasted = sum(r.backups_wasted for r in records)
     print(f"mpibelief: {len(records)} L-BFGS steps, {sum(r.evals for r in records)}"
           f" evaluations; {sum(r.backups_issued for r in records)} backup copies,"
           f" {wasted} portions wasted", flush=True)
-    ps.free()
-    return {"train_seconds": trained["seconds"], **coord.row}
 
 
-def _train(ctx, driver: LBFGSDriver, coord: Coordinator, trained: dict) -> list:
-    """Batches until ``iterations`` (or ``train.max_seconds``); evaluation pauses time."""
-    cfg = ctx.cfg
-    records: list[BatchRecord] = []
-    next_eval, failures = 0.0, 0
-    _metrics(coord, trained)
-    for k in range(cfg.sandblaster.iterations):
-        rec = driver.step(k)
-        records.append(rec)
-        trained["seconds"] += rec.seconds
-        trained["samples"] += rec.samples_applied
-        trained["batches"] += 1
-        failures = 0 if rec.accepted else failures + 1
-        done = (k + 1 == cfg.sandblaster.iterations or failures >= 3
-                or 0 < cfg.train.max_seconds <= trained["seconds"])
-        if trained["seconds"] >= next_eval or done:
-            _metrics(coord, trained)
-            next_eval = trained["seconds"] + cfg.train.eval_every
-        coord.progress.update(trained["samples"] - coord.progress.done, loss=rec.loss)
+@dataclasses.dataclass
+class _Run:
+    """The coordinator's side of a run between batches: what a checkpoint saves.
+
+    ``next`` is the next iteration (batch number), ``rejected`` the rejected steps in a
+    row, ``next_eval`` the training time of the next ``/metrics`` row; the driver's
+    L-BFGS scalars travel with them (:meth:`LBFGSDriver.state`).
+    """
+
+    trained: dict = dataclasses.field(
+        default_factory=lambda: {"seconds": 0.0, "samples": 0, "batches": 0})
+    records: list = dataclasses.field(default_factory=list)
+    next: int = 0
+    rejected: int = 0
+    next_eval: float = 0.0
+
+    @classmethod
+    def resumed(cls, resume: dict | None, driver: LBFGSDriver) -> _Run:
+        if resume is None:
+            return cls()
+        state = resume["sandblaster"]
+        driver.load_state(state["driver"])
+        return cls(state["trained"], [BatchRecord(**r) for r in state["records"]],
+                   state["next"], state["rejected"], state["next_eval"])
+
+    def state(self, driver: LBFGSDriver) -> dict:
+        return {"trained": self.trained, "next": self.next, "rejected": self.rejected,
+                "next_eval": self.next_eval, "driver": driver.state(),
+                "records": [_plain(dataclasses.asdict(r)) for r in self.records]}
+
+    def add(self, rec: BatchRecord) -> None:
+        self.records.append(rec)
+        self.trained["seconds"] += rec.seconds
+        self.trained["samples"] += rec.samples_applied
+        self.trained["batches"] += 1
+        self.rejected = 0 if rec.accepted else self.rejected + 1
+        self.next = rec.iteration + 1
+
+
+def _plain(row: dict) -> dict:
+    """numpy scalars as Python's (JSON takes only those)."""
+    return {k: ([int(x) for x in v] if isinstance(v, list) else
+                v.item() if isinstance(v, np.generic) else v) for k, v in row.items()}
+
+
+def _train(ctx, driver: LBFGSDriver, coord: Coordinator, run: _Run) -> None:
+    """Batches until ``iterations`` (or ``train.max_seconds`` of this invocation, or
+    SIGTERM); evaluation pauses time; checkpoints between batches."""
+    cfg, signals = ctx.cfg, coord.signals
+    every = cfg.checkpoint.every or math.inf
+    begun = run.trained["seconds"]
+    next_ckpt = begun + every
+    if run.next >= cfg.sandblaster.iterations:
+        raise UserError(f"nothing to resume: the checkpoint was taken after the last of the"
+                        f" {cfg.sandblaster.iterations} iterations")
+    if not run.records:
+        _metrics(coord, run.trained)  # the row at time 0 (a resumed run has it)
+    for k in range(run.next, cfg.sandblaster.iterations):
+        run.add(driver.step(k))
+        seconds = run.trained["seconds"]
+        terminate = signals.terminate.is_set()
+        done = (k + 1 == cfg.sandblaster.iterations or run.rejected >= 3
+                or 0 < cfg.train.max_seconds <= seconds - begun)
+        if seconds >= run.next_eval or done or terminate:
+            _metrics(coord, run.trained)
+            run.next_eval = seconds + cfg.train.eval_every
+        coord.progress.update(run.trained["samples"] - coord.progress.done,
+                              loss=run.records[-1].loss)
         if done:
             break
-    return records
+        if terminate:  # Slurm's way to end a job: keep everything, then stop cleanly
+            coord.stopped_by = "SIGTERM"
+            coord.checkpoint()
+            break
+        if seconds >= next_ckpt or signals.take_checkpoint():
+            coord.checkpoint()
+            next_ckpt = seconds + every
 
 
 def _metrics(coord: Coordinator, trained: dict) -> None:
@@ -171,7 +281,8 @@ def _samples(counts: np.ndarray, ps: ParameterServer, lay) -> int:
     return replica_samples(per_client[1:], lay)
 
 
-def _write(writer, records, client, shard_stats, workers, lay, dispatcher, space) -> None:
+def _write(writer, records, client, shard_stats, reports: dict, lay, dispatcher,
+           space) -> None:
     columns = {f.name: [getattr(r, f.name) for r in records]
                for f in dataclasses.fields(BatchRecord)}
     columns["done_by"] = np.array(columns["done_by"], np.int64).reshape(len(records), -1)
@@ -182,7 +293,7 @@ def _write(writer, records, client, shard_stats, workers, lay, dispatcher, space
                       bytes_pulled=cs.bytes_pulled + dispatcher.bytes_in + space.bytes_in)]
     rows += [RankStats(s.rank, 0, s.wall_seconds, s.busy_seconds, 0.0, s.idle_seconds)
              for s in shard_stats]
-    rows += [w.rank_stats() for w in workers]
+    rows += [w.rank_stats() for _, w in sorted(reports.items())]
     writer.write_ranks(rows)
     writer.write_table("server", {
         "shard_rank": lay.shard_ranks(),

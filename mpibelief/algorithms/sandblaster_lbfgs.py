@@ -31,6 +31,7 @@ from mpibelief.portions import portion_bounds
 class BatchRecord:
     """One row of ``/sandblaster``: what one batch (one L-BFGS step) cost and did."""
 
+    iteration: int = -1
     loss_before: float = math.nan
     loss: float = math.nan
     grad_norm: float = math.nan
@@ -69,7 +70,21 @@ class LBFGSDriver:
         self.bounds = portion_bounds(self.batch, cfg.portions)
         self.hist = History(cfg.history)
         self.have_g = False  # "g" holds the gradient at "x" over the current batch
+        self.f = math.nan  # the loss at "x" (over the batch "g" belongs to)
         self.record = BatchRecord()
+
+    def state(self) -> dict:
+        """The scalars a checkpoint needs (the vectors are the shards' part); exact in
+        JSON, which writes every float's shortest round-trip repr."""
+        h = self.hist
+        return {"slots": list(h.slots), "rho": [[k, h.rho[k]] for k in h.slots],
+                "gamma": h.gamma, "have_g": self.have_g, "f": self.f}
+
+    def load_state(self, state: dict) -> None:
+        """Continue from :meth:`state` (the shards restored their vectors)."""
+        h = self.hist
+        h.slots, h.rho = list(state["slots"]), {int(k): float(v) for k, v in state["rho"]}
+        h.gamma, self.have_g, self.f = float(state["gamma"]), state["have_g"], state["f"]
 
     def evaluate(self, number: int, at: str) -> float:
         """Publish vector ``at`` as the parameters; sum the batch's gradient into ``grad``
@@ -98,7 +113,7 @@ class LBFGSDriver:
         """One L-BFGS step on batch ``k``; returns its record."""
         space, cfg, hist = self.space, self.cfg, self.hist
         number = 0 if self.whole else k
-        self.record = rec = BatchRecord(batch=self.batch,
+        self.record = rec = BatchRecord(iteration=k, batch=self.batch,
                                         done_by=[0] * len(self.dispatcher.ranks))
         start, traffic = self.clock.now(), self._traffic()
         if not self.have_g:

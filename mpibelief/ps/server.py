@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from mpibelief.comm import Tag, poll, quiet_send
+from mpibelief.errors import UserError
 from mpibelief.layout import parts_of, shard_slices
 from mpibelief.optim import Optimizer, all_finite
 from mpibelief.ps.client import ParameterClient
@@ -100,7 +101,11 @@ class ParameterServer:
                 reply: bool = False) -> list | None:
         """Send a command to the shards (all by default); with ``reply``, their answers.
 
-        The answers come in shard order.  Waiting sleeps instead of spinning.
+        The answers come in shard order.  Waiting sleeps instead of spinning, and gives
+        up after ``stall_seconds`` (a stalled shard must not hang its caller).
+
+        Raises:
+            UserError: a shard did not answer within ``stall_seconds``.
         """
         ranks = self.shard_ranks if shards is None else shards
         quiet_send(self.ctl, (name, *args), ranks, Tag.COMMAND)
@@ -116,7 +121,12 @@ class ParameterServer:
                     requests[i] = None if done else request
             return all(r is None for r in requests)
 
-        poll(arrived)
+        try:
+            poll(arrived, timeout=self.stall_seconds)
+        except TimeoutError:
+            late = [r for r, q in zip(ranks, requests, strict=True) if q is not None]
+            raise UserError(f"shard rank(s) {late} did not answer {name!r} within"
+                            f" {self.stall_seconds:g} s (stalled or stopped?)") from None
         return answers
 
     def stop(self) -> None:

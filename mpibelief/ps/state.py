@@ -112,6 +112,9 @@ class ShardState:
         self.vectors: dict[str, np.ndarray] = {}
         self.accumulate: str | None = None
         self.accum_samples = np.zeros(clients, np.int64)
+        # Clients whose gradient pushes are refused from now on: Sandblaster's failed
+        # replicas, so a sum one of them pushes after being given up on never counts.
+        self.excluded: set[int] = set()
 
     def vector(self, name: str) -> np.ndarray:
         """The named vector (zeros when new); ``params`` is the current version, read only."""
@@ -182,10 +185,16 @@ class ShardState:
         return True
 
     def snapshot(self) -> tuple[dict, dict]:
-        """The arrays and counters a checkpoint needs (copies: the shard goes on)."""
+        """The arrays and counters a checkpoint needs (copies: the shard goes on).
+
+        The named vectors go too (``vec_<name>``: Sandblaster's L-BFGS history and
+        gradient live only here), so a checkpoint taken between batches is the whole
+        of the shard's part of the run.
+        """
         arrays = {"params": self.current.copy()}
         if self.opt_state is not None:
             arrays["opt_state"] = self.opt_state.copy()
+        arrays.update({f"vec_{name}": v.copy() for name, v in self.vectors.items()})
         st = self.stats
         counters = {"version": st.version, "applied": st.applied, "refused": st.refused,
                     "bytes_in": st.bytes_in, "samples": self.samples.tolist(),
@@ -206,10 +215,13 @@ class ShardState:
         st.bytes_in = int(counters["bytes_in"])
         st.staleness = np.array(counters["staleness"], np.int64)
         self.samples[:] = counters["samples"]
+        self.vectors = {name[4:]: np.array(v, np.float32) for name, v in arrays.items()
+                        if name.startswith("vec_")}
 
     def _accumulate(self, data: np.ndarray, lo: int, client: int, samples: int) -> bool:
-        """Sum a gradient push into the accumulator (refused whole if not finite)."""
-        if not all_finite(data):
+        """Sum a gradient push into the accumulator (refused whole if not finite, or
+        from an excluded client)."""
+        if client in self.excluded or not all_finite(data):
             self.stats.refused += 1
             return False
         self.vector(self.accumulate)[lo:lo + data.size] += data

@@ -13,7 +13,8 @@ Two halves:
 
 - :class:`VectorCommands`, on a shard: ``dot``, ``axpy``, ``scale``, ``copy``,
   ``lincomb``, ``add``, ``mul`` (coefficient-wise), ``zero``, ``push_history``,
-  ``reset_accumulator``, ``samples`` and ``publish`` (the named vector becomes the
+  ``reset_accumulator``, ``samples``, ``exclude`` (refuse a client's pushes from now
+  on, answering what it had summed) and ``publish`` (the named vector becomes the
   next parameter version through the shard's versioned buffers, so replicas' one-sided
   pulls see the old or the new parameters, never a mix), and ``run``, a list of them
   in one message; :func:`install` registers them on a
@@ -61,7 +62,7 @@ class VectorCommands:
             (:meth:`ShardServer.publish`); default: the state's own ``LOAD`` path.
     """
 
-    RETURNING = ("dot", "publish", "samples")
+    RETURNING = ("dot", "publish", "samples", "exclude")
 
     def __init__(self, state: ShardState, publish: Callable | None = None):
         self.state = state
@@ -117,6 +118,12 @@ class VectorCommands:
         """Samples each client's accumulated pushes cover since the last reset."""
         return self.state.accum_samples.tolist()
 
+    def exclude(self, client: int) -> int:
+        """Refuse ``client``'s pushes from now on; returns the samples its pushes summed
+        since the last reset (final: no push of it is summed after this)."""
+        self.state.excluded.add(client)
+        return int(self.state.accum_samples[client])
+
     def publish(self, name: str) -> int:
         return int(self._publish(self.v(name)))
 
@@ -133,7 +140,7 @@ class VectorCommands:
 
 
 COMMANDS = ("dot", "axpy", "scale", "copy", "lincomb", "add", "mul", "zero",
-            "push_history", "reset_accumulator", "samples", "publish", "run")
+            "push_history", "reset_accumulator", "samples", "exclude", "publish", "run")
 
 
 def install(shard) -> VectorCommands:
@@ -209,6 +216,11 @@ class ShardSpace:
         """Make vector ``name`` the parameters (a new version on every shard); waits."""
         self._op("publish", name)
         return [a[-1] for a in self._send(True)]
+
+    def exclude(self, client: int) -> list[int]:
+        """Have every shard refuse ``client``'s pushes; per shard, what it had summed."""
+        self._op("exclude", client)
+        return [int(a[-1]) for a in self._send(True)]
 
     def samples(self) -> np.ndarray:
         """Per shard, per client: samples the accumulated pushes cover (shards x clients)."""

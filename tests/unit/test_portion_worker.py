@@ -12,8 +12,9 @@ from __future__ import annotations
 import numpy as np
 
 from mpibelief.clock import VirtualClock
-from mpibelief.config import DataConfig
+from mpibelief.config import DataConfig, FaultsConfig
 from mpibelief.data import load_dataset
+from mpibelief.faults import Injector
 from mpibelief.model import Model
 from mpibelief.optim import Optimizer
 from mpibelief.portion_worker import PortionWorker
@@ -37,8 +38,9 @@ def test_portion_sums_equal_the_batch_gradient():
     for c in commands:
         c.reset_accumulator("grad")
     clock = VirtualClock()
+    slow = Injector(FaultsConfig(slow_rank=1, slow_factor=4.0), 1, 1, clock)
     workers = [PortionWorker(r, models[r], server.client(r), data, BATCH, seed=2, clock=clock,
-                             slow=4.0 if r else 1.0) for r in range(2)]
+                             injector=slow if r else None) for r in range(2)]
     for m in models:
         m.params[...] = 0.0  # the workers must pull what the shards hold
     bounds = portion_bounds(BATCH, 7)

@@ -19,8 +19,14 @@ import pytest
 from mpibelief.portions import DROP, PUSH, PortionBook, batch_rows, portion_bounds
 
 
-def play(sizes, speeds, push_every, backups, seed=0, max_copies=2):
-    """Run one evaluation; returns (book, portions summed by the 'shards', makespan)."""
+def play(sizes, speeds, push_every, backups, seed=0, max_copies=2, fail=None,
+         push_time=0.01):
+    """Run one evaluation; returns (book, portions summed by the 'shards', makespan).
+
+    ``fail = [r, at, landed]``: replica ``r`` goes silent at time ``at`` and is given up
+    on; a push it was making reaches the 'shards' when ``landed`` (else never); whether
+    it was pushing is appended to ``fail``.
+    """
     rng = np.random.default_rng(seed)
     book = PortionBook(sizes, len(speeds), push_every, backups, max_copies)
     summed: Counter = Counter()
@@ -40,6 +46,17 @@ def play(sizes, speeds, push_every, backups, seed=0, max_copies=2):
         give(r, 0.0)
     while not book.complete:
         t, r, kind, p = heapq.heappop(events)
+        if fail is not None and t >= fail[1] and fail[0] not in book.failed:
+            dead, _, landed = fail[:3]
+            fail.append(dead in book.pushing)
+            landed = landed and dead in book.pushing
+            if landed:
+                summed.update(sums[dead])
+            book.fail(dead, landed)
+            for w in sorted(waiting):  # its portions are open: idle replicas take them
+                give(w, t)
+        if r in book.failed:
+            continue  # silent: whatever it was doing never reaches anyone
         if kind == "pushed":
             summed.update(sums[r])
             sums[r] = []
@@ -49,7 +66,7 @@ def play(sizes, speeds, push_every, backups, seed=0, max_copies=2):
         sums[r].append(p)
         decision = book.finished(r, p, loss_sum=float(sizes[p]))
         if decision == PUSH:
-            heapq.heappush(events, (t + 0.01, r, "pushed", -1))
+            heapq.heappush(events, (t + push_time, r, "pushed", -1))
         elif decision == DROP:
             sums[r] = []
             give(r, t)
@@ -115,6 +132,36 @@ def test_a_copy_that_wins_drops_the_whole_sum_holding_it():
     assert book.stats.done_by == [0, 4]
     assert (book.stats.backups, book.stats.wasted) == (3, 2)
     assert book.wasted_in_flight() == 1  # replica 0 still computes a copy of 2
+
+
+@pytest.mark.parametrize("push_every", [1, 3])
+@pytest.mark.parametrize("backups", [False, True])
+@pytest.mark.parametrize("landed", [False, True])
+def test_a_failed_replica_loses_nothing_and_counts_nothing_twice(push_every, backups, landed):
+    """Replica 1 dies at any moment (holding portions, a pending sum, or in the middle of
+    a push that reaches the shards or not): the others finish the batch, and every
+    portion is summed exactly once."""
+    sizes = [10 + (i % 3) for i in range(12)]
+    mid_push = 0
+    for at in np.arange(0.0, 40.0, 0.5):
+        fail = [1, at, landed]
+        book, summed, _ = play(sizes, [1.0, 1.3, 0.8], push_every, backups, seed=3,
+                               fail=fail, push_time=3.0)
+        mid_push += fail[3:] == [True]
+        assert book.failed == {1}
+        assert sorted(summed) == list(range(len(sizes))) and set(summed.values()) == {1}
+        assert book.samples == sum(sizes) and book.loss_sum == pytest.approx(sum(sizes))
+        assert sum(book.stats.done_by) == len(sizes) and sum(book.confirmed) == sum(sizes)
+    assert mid_push >= 3  # the hard case was really played
+
+
+def test_a_new_book_gives_a_failed_replica_nothing():
+    book = PortionBook([5] * 4, 2, push_every=1, backups=True, failed={1})
+    assert book.next_task(0) == 0
+    for p in range(1, 4):  # the tail counts the live replica only
+        assert book.finished(0, p - 1, 5.0) == PUSH
+        book.pushed(0)
+        assert book.next_task(0) == p
 
 
 def test_batch_rows_and_bounds():
