@@ -13,6 +13,25 @@ Three measurements, each of the code the simulated phase stands for:
   ``results/bench_rma.h5``: the real client's operations over real MPI windows, not a
   raw ping-pong, so the protocol's own costs are in the fit.
 
+Two refinements for a machine whose cores are shared (this workstation: 2 cores, load
+5-15 from other work), where a simulated rank cannot be given a core of its own:
+
+- ``concurrency`` k: the compute timing runs in k processes at once (forked, each on
+  its own model), so the per-sample cost is what each of k replicas gets when they
+  share the cores.  On a cluster with a core per rank, k = 1.
+- ``run``: a real Downpour result file (a short ``R1_S1`` run made just before) from
+  which the per-sample compute, the effective per-message cost and the shard's apply
+  cost are taken, as the run's ``/ranks`` and ``/server`` tables measured them.  The
+  compute timing then only gives the contention ratio and the spread: measured here,
+  20 timed steps gave 28 and then 100 us per sample one minute apart (the machine's
+  load comes in bursts), so a few seconds of real training are the steadier level.
+  Measured here too: in training a pull or push of 2 MiB costs 0.7 to 3 ms (a
+  replica descheduled inside MPI waits for a time slice), against 0.07 ms in
+  ``bench/rma.py`` with the shard idle; the micro-benchmark alone would make the
+  simulated replicas 15-40% too fast.  Both are scaled by
+  the measured contention (k-process over 1-process compute time), since on shared
+  cores the copies and the shard's update wait for the CPU as the kernels do.
+
 Medians, because this machine is shared: a burst of load on one timed step must not
 set the simulated speed of every step.  The file (``results/calibration.h5``) holds the
 fitted values as root attributes beside the raw timings and the provenance of
@@ -33,6 +52,7 @@ from mpibelief.errors import UserError
 from mpibelief.simulate.cluster import Costs
 
 FIELDS = ("compute_per_sample", "apply_per_param", "latency", "bandwidth")
+SPREAD = "timings/spread"
 
 
 def time_compute(model, data, batch: int, steps: int = 20, seed: int = 0) -> np.ndarray:
@@ -65,6 +85,51 @@ def time_apply(n_params: int, optimizer, repeats: int = 20) -> np.ndarray:
     return np.array(out)
 
 
+def _timed_child(args) -> np.ndarray:
+    model, data, batch, steps, seed = args
+    return time_compute(model, data, batch, steps, seed)
+
+
+def time_compute_concurrent(model, data, batch: int, k: int, steps: int = 20) -> np.ndarray:
+    """Step times of ``k`` processes timing at once (forked: each its own copy)."""
+    if k == 1:
+        return time_compute(model, data, batch, steps)
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(k) as pool:
+        found = pool.map(_timed_child, [(model, data, batch, steps, i) for i in range(k)])
+    return np.concatenate(found)
+
+
+def from_run(path: Path, bandwidth: float) -> dict:
+    """Effective per-message cost and apply cost measured in a real Downpour run."""
+    try:
+        with h5py.File(path, "r") as f:
+            r = {k: f[f"ranks/{k}"][()] for k in ("rank", "samples", "comm_seconds",
+                                                 "compute_seconds")}
+            shard_ranks, applied = f["server/shard_rank"][()], f["server/applied"][()]
+            n, batch = int(f.attrs["n_params"]), _batch(f.attrs["config"])
+    except (OSError, KeyError) as exc:
+        raise UserError(f"cannot calibrate from run {path}: {exc}") from None
+    replicas = r["samples"] > 0
+    steps = r["samples"][replicas] / batch
+    comm_step = float(np.mean(r["comm_seconds"][replicas] / steps))
+    S = len(shard_ranks)
+    latency = (comm_step - 2 * 4 * n / bandwidth) / (2 * S)  # a pull and a push per shard
+    busy = r["compute_seconds"][np.isin(r["rank"], shard_ranks)]
+    apply = float(np.sum(busy) / np.sum(applied) / (n / S))
+    compute = float(np.sum(r["compute_seconds"][replicas]) / np.sum(r["samples"][replicas]))
+    return {"run_comm_step_seconds": comm_step, "latency": max(latency, 0.0),
+            "compute_per_sample": compute,
+            "apply_per_param": apply, "run_file": str(path)}
+
+
+def _batch(toml_text: str) -> int:
+    import tomllib
+
+    return int(tomllib.loads(toml_text)["train"]["batch"])
+
+
 def fit_network(path: Path) -> tuple[float, float, dict]:
     """``(latency, bandwidth, used)`` fitted to bench_rma's pull_fresh and push medians."""
     if not path.exists():
@@ -82,21 +147,39 @@ def fit_network(path: Path) -> tuple[float, float, dict]:
     return latency, 1.0 / float(slope), {"sizes": size, "seconds": seconds}
 
 
-def measure(cfg, data, rma: Path, steps: int = 20) -> tuple[Costs, dict]:
-    """Calibrate the config's model and optimiser on this machine; ``(costs, raw)``."""
+def measure(cfg, data, rma: Path, steps: int = 20, concurrency: int = 1,
+            run: Path | None = None) -> tuple[Costs, dict]:
+    """Calibrate the config's model and optimiser on this machine; ``(costs, raw)``.
+
+    Args:
+        concurrency: processes timing the compute at once (see the module docstring).
+        run: a real Downpour run's file for the in-run message and apply costs.
+    """
     from mpibelief.model import Model
     from mpibelief.optim import Optimizer
 
     model = Model.from_config(cfg.model, data.n_inputs, data.n_classes)
     model.init(cfg.run.seed, cfg.model.init_scale)
-    compute = time_compute(model, data, cfg.train.batch, steps, cfg.run.seed)
+    batch = cfg.train.batch
+    alone = time_compute(model, data, batch, steps, cfg.run.seed)
+    compute = time_compute_concurrent(model, data, batch, concurrency, steps) \
+        if concurrency > 1 else alone
+    contention = float(np.median(compute) / np.median(alone))
     apply = time_apply(model.n_params, Optimizer.from_config(cfg.train), steps)
     latency, bandwidth, net = fit_network(Path(rma))
-    costs = Costs(float(np.median(compute)) / cfg.train.batch,
-                  float(np.median(apply)) / model.n_params, latency, bandwidth)
     raw = {"compute_step_seconds": compute, "apply_seconds": apply,
            "network_sizes": net["sizes"], "network_seconds": net["seconds"],
-           "n_params": model.n_params, "batch": cfg.train.batch, "rma_file": str(rma)}
+           "n_params": model.n_params, "batch": batch, "rma_file": str(rma),
+           "concurrency": concurrency, "contention": contention}
+    apply_per_param = float(np.median(apply)) / model.n_params
+    if run is not None:
+        measured = from_run(Path(run), bandwidth)
+        raw.update(measured)
+        latency, apply_per_param = measured["latency"], measured["apply_per_param"]
+    median = float(np.median(compute))
+    per_sample = median / batch if run is None else measured["compute_per_sample"] * contention
+    costs = Costs(per_sample, apply_per_param * contention, latency * contention,
+                  bandwidth, tuple(float(v) for v in np.sort(compute) / median))
     return costs, raw
 
 
@@ -114,13 +197,15 @@ def write(path: Path, costs: Costs, raw: dict) -> None:
         for name, value in raw.items():
             if isinstance(value, np.ndarray):
                 f.create_dataset(f"timings/{name}", data=value)
+        f.create_dataset(SPREAD, data=np.array(costs.spread, np.float64))
 
 
 def read(path: Path) -> Costs:
     """The costs a calibration file holds (one-line error if it is not one)."""
     try:
         with h5py.File(path, "r") as f:
-            return Costs(*(float(f.attrs[name]) for name in FIELDS))
+            spread = tuple(f[SPREAD][()]) if SPREAD in f else ()
+            return Costs(*(float(f.attrs[name]) for name in FIELDS), spread=spread)
     except (OSError, KeyError) as exc:
         raise UserError(f"cannot read calibration {path}: {exc}"
                         " (make one with: mpibelief simulate CONFIG --calibrate)") from None

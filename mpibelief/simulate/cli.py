@@ -25,6 +25,10 @@ def add_parser(sub, with_config) -> None:
                    help="measure the costs on this machine first and write --calibration")
     q.add_argument("--rma", default=DEFAULT_RMA,
                    help=f"bench/rma.py's file for the network fit (default {DEFAULT_RMA})")
+    q.add_argument("--concurrency", type=int, default=1, metavar="K",
+                   help="--calibrate: time the compute in K processes at once (shared cores)")
+    q.add_argument("--from-run", metavar="RESULT",
+                   help="--calibrate: take message and apply costs from a real Downpour run")
     q.add_argument("--straggler", metavar="FRACTION:SLOWDOWN",
                    help="slow that fraction of compute phases by that factor, e.g. 0.05:4")
     q.add_argument("--slow-shard", action="append", default=[], metavar="SHARD:FACTOR",
@@ -60,9 +64,13 @@ def cmd_simulate(args, cfg) -> int:
     if args.calibrate:
         from mpibelief.data import load_dataset
 
-        costs, raw = calibrate.measure(cfg, load_dataset(cfg.data), Path(args.rma))
+        costs, raw = calibrate.measure(cfg, load_dataset(cfg.data), Path(args.rma),
+                                       concurrency=args.concurrency, run=args.from_run)
         calibrate.write(calibration, costs, raw)
-        print(f"mpibelief: calibrated {costs} -> {calibration}", flush=True)
+        print(f"mpibelief: calibrated {costs.compute_per_sample * 1e6:.1f} us/sample,"
+              f" apply {costs.apply_per_param * 1e9:.2f} ns/parameter, message"
+              f" {costs.latency * 1e6:.1f} us + bytes at {costs.bandwidth / 1e9:.1f} GB/s"
+              f" -> {calibration}", flush=True)
     out = Path(args.out) if args.out else Path(cfg.run.results_dir) / f"{cfg.run.name}_sim.h5"
     row = simulate(cfg, out, calibration, faults_of(args, cfg.layout.shards), args.overwrite)
     print(f"mpibelief: simulated {row['wall_seconds']:.1f} s: test accuracy"

@@ -67,12 +67,17 @@ class Costs:
         apply_per_param: a shard's update, seconds per parameter applied.
         latency: seconds per message (each Get or Put to one shard).
         bandwidth: bytes per second of one transfer.
+        spread: measured step times over their median; when given, each compute
+            phase is drawn from them (real steps vary, and a simulation in which every
+            replica takes exactly the median keeps them in lockstep, which changes the
+            staleness they see).
     """
 
     compute_per_sample: float
     apply_per_param: float
     latency: float
     bandwidth: float
+    spread: tuple[float, ...] = ()
 
     def transfer(self, nbytes: int) -> float:
         return self.latency + nbytes / self.bandwidth
@@ -233,6 +238,8 @@ class Cluster:
             yield self.env.timeout(seconds)
         elif name == "compute":
             seconds = rep.batch * c.compute_per_sample
+            if c.spread:
+                seconds *= c.spread[self.rng.integers(len(c.spread))]
             if self.faults.straggler_fraction and \
                     self.rng.random() < self.faults.straggler_fraction:
                 seconds *= self.faults.straggler_slowdown

@@ -23,10 +23,19 @@ The accuracy grid skips the first half, where the curve is steepest and the two
 files' evaluation times (which differ: real and simulated seconds) decide the
 difference more than training does.
 
-Writes ``results/sim_validation.h5`` (``/validation/R{r}_S{s}/{real,sim}`` curves and the
-figures as attributes; the calibration's values on the root; stamped) and prints a table.
+Calibration (:mod:`.calibrate`), before each case, so that it meets the load the
+case's real run meets: a short real ``R1_S1`` run (``--calibration-epochs``) gives the
+per-sample compute and the in-run message and apply costs; the compute timed in ``R``
+concurrent processes against one gives the contention of ``R`` replicas on the shared
+cores.  So ``R1_S1``'s seconds per step are not a prediction (the same configuration,
+shorter, calibrated them); every other case's are.
+
+Writes ``results/sim_validation.h5`` (``/validation/R{r}_S{s}/{real,sim}`` curves and
+figures, the comparison and the case's calibration as attributes; stamped) and prints
+a table.
 Usage: ``python -m mpibelief.simulate.validate [--replicas 1,2] [--shards 1,2]
-[--epochs 1] [--config configs/demo.toml] [--out results/sim_validation.h5]``
+[--epochs 1] [--config configs/demo.toml] [--out results/sim_validation.h5]
+[--calibration-epochs 0.25]``
 """
 
 from __future__ import annotations
@@ -69,6 +78,7 @@ def summary(path: Path) -> dict:
     """The figures compared, and the accuracy curve, from one result file."""
     with h5py.File(path, "r") as f:
         samples, seconds = f["ranks/samples"][()], f["ranks/train_seconds"][()]
+        compute, comm = f["ranks/compute_seconds"][()], f["ranks/comm_seconds"][()]
         hist = f["server/staleness"][()]
         batch = _batch(f.attrs["config"])
         curve = {k: f[f"metrics/{k}"][()] for k in ("samples", "test_accuracy",
@@ -76,6 +86,8 @@ def summary(path: Path) -> dict:
     trained = samples > 0
     steps = samples[trained] / batch
     return {"step_seconds": float(np.mean(seconds[trained] / steps)),
+            "compute_step_seconds": float(np.mean(compute[trained] / steps)),
+            "comm_step_seconds": float(np.mean(comm[trained] / steps)),
             "staleness": float((hist * np.arange(len(hist))).sum() / max(hist.sum(), 1)),
             "final_accuracy": float(curve["test_accuracy"][-1]), **curve}
 
@@ -106,42 +118,61 @@ def compare(real: dict, sim: dict) -> dict:
 
 
 def case(config: str, r: int, s: int, args, calibration: Path, tmp: Path) -> tuple:
-    """Run one case both ways; ``(real, sim, comparison)``."""
+    """Calibrate for ``r`` replicas, then run the case both ways; ``(real, sim, cmp)``."""
     from mpibelief import config as configs
     from mpibelief.simulate.run import simulate
 
     sets = overrides(r, s, args.epochs, args.warmstart)
     real_path, sim_path = tmp / f"R{r}_S{s}_real.h5", tmp / f"R{r}_S{s}_sim.h5"
+    calibration_run(config, tmp / "calibration_run.h5", args.calibration_epochs)
+    calibrate_now(config, calibration, Path(args.rma), r, tmp / "calibration_run.h5")
     run_real(config, sets, real_path, 1 + s + r)
     simulate(configs.load(config, sets), sim_path, calibration, overwrite=True)
     real, sim = summary(real_path), summary(sim_path)
     return real, sim, compare(real, sim)
 
 
-def calibrate_now(config: str, calibration: Path, rma: Path) -> None:
+def calibrate_now(config: str, calibration: Path, rma: Path, concurrency: int,
+                  run: Path | None) -> None:
     from mpibelief import config as configs
     from mpibelief.data import load_dataset
     from mpibelief.simulate import calibrate
 
     cfg = configs.load(config)
-    costs, raw = calibrate.measure(cfg, load_dataset(cfg.data), rma)
+    costs, raw = calibrate.measure(cfg, load_dataset(cfg.data), rma,
+                                   concurrency=concurrency, run=run)
     calibrate.write(calibration, costs, raw)
-    print(f"calibrated: {costs}", flush=True)
+    print(f"calibrated for {concurrency} replica(s): {costs.compute_per_sample * 1e6:.1f}"
+          f" us/sample, apply {costs.apply_per_param * 1e9:.2f} ns/param, message"
+          f" {costs.latency * 1e6:.0f} us + bytes / {costs.bandwidth / 1e9:.1f} GB/s,"
+          f" contention x{raw['contention']:.2f}", flush=True)
 
 
-def write(path: Path, found: dict, args, calibration: Path) -> None:
+def calibration_run(config: str, path: Path, epochs: float) -> None:
+    """A short real R1_S1 run: the in-run message and apply costs (:func:`from_run`)."""
+    run_real(config, overrides(1, 1, epochs, 0) + ["train.eval_every=1e9"], path, 3)
+
+
+def costs_of(calibration: Path) -> dict:
+    """The calibration a case used (its file is temporary: the values are kept)."""
+    with h5py.File(calibration, "r") as f:
+        return {k: f.attrs[k] for k in ("compute_per_sample", "apply_per_param", "latency",
+                                        "bandwidth", "concurrency", "contention",
+                                        "loadavg_1min")}
+
+
+def write(path: Path, found: dict, args) -> None:
     from mpibelief.results import stamp
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(path, "w") as f, h5py.File(calibration, "r") as cal:
-        stamp(f, {"command": " ".join(sys.argv), "calibration": str(calibration),
-                  "epochs": args.epochs, "config": args.config,
-                  **{f"bound_{k}": v for k, v in BOUNDS.items()},
-                  **{f"cost_{k}": cal.attrs[k] for k in ("compute_per_sample",
-                     "apply_per_param", "latency", "bandwidth")}})
+    with h5py.File(path, "w") as f:
+        stamp(f, {"command": " ".join(sys.argv), "epochs": args.epochs,
+                  "config": args.config, **{f"bound_{k}": v for k, v in BOUNDS.items()}})
         for name, (real, sim, cmp) in found.items():
             group = f.create_group(f"validation/{name}")
-            group.attrs.update({k: v for k, v in cmp.items()})
+            cmp = dict(cmp)
+            group.attrs.update({f"cost_{k}": v for k, v in cmp.pop("calibration").items()})
+            group.attrs.update(cmp)
             for label, run in (("real", real), ("sim", sim)):
                 sub = group.create_group(label)
                 for k, v in run.items():
@@ -174,20 +205,21 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=float, default=1.0, help="per replica, over its shard")
     p.add_argument("--warmstart", type=int, default=0)
     p.add_argument("--rma", default=str(REPO / "results" / "bench_rma.h5"))
-    p.add_argument("--calibration", default=str(REPO / "results" / "calibration.h5"))
+    p.add_argument("--calibration-epochs", type=float, default=0.25,
+                   help="length of the real R1_S1 run the message costs come from")
     p.add_argument("--out", default=str(REPO / "results" / "sim_validation.h5"))
     args = p.parse_args(argv)
     for var in ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
         os.environ.setdefault(var, "1")
-    calibration = Path(args.calibration)
-    calibrate_now(args.config, calibration, Path(args.rma))
     found = {}
     with tempfile.TemporaryDirectory() as tmp:
+        calibration = Path(tmp) / "calibration.h5"
         for r in args.replicas:
             for s in args.shards:
                 found[f"R{r}_S{s}"] = case(args.config, r, s, args, calibration, Path(tmp))
+                found[f"R{r}_S{s}"][2]["calibration"] = costs_of(calibration)
                 report({f"R{r}_S{s}": found[f"R{r}_S{s}"]})
-    write(Path(args.out), found, args, calibration)
+        write(Path(args.out), found, args)
     report(found)
     print(f"wrote {args.out}")
     return 0 if all(c["step_ok"] and c["staleness_ok"] and c["accuracy_ok"]

@@ -142,3 +142,20 @@ def test_simulate_writes_a_result_file_marked_simulated(tmp_path, data):
         assert list(f["ranks/rank"][()]) == [0, 1, 2, 3, 4]
         assert f.attrs["cost_compute_per_sample"] == COSTS.compute_per_sample
     assert row["test_accuracy"] > 0.3  # chance is 0.2: it really trained
+
+
+def test_costs_from_a_real_run_file(tmp_path):
+    """The in-run calibration reads /ranks and /server as a real Downpour run writes them."""
+    path = tmp_path / "run.h5"
+    n, batch = 1000, 10
+    with h5py.File(path, "w") as f:
+        f.attrs["n_params"], f.attrs["config"] = n, "[train]\nbatch = 10\n"
+        f["ranks/rank"] = [0, 1, 2, 3]
+        f["ranks/samples"] = [0, 0, 0, 100 * batch]  # rank 3: the replica, 100 steps
+        f["ranks/comm_seconds"] = [0.0, 0.0, 0.0, 100 * (4 * 1e-3 + 2 * 4 * n / 1e9)]
+        f["ranks/compute_seconds"] = [0.0, 0.2, 0.2, 2.0]
+        f["server/shard_rank"], f["server/applied"] = [1, 2], [100, 100]
+    found = calibrate.from_run(path, bandwidth=1e9)
+    assert found["latency"] == pytest.approx(1e-3)  # a pull and a push on each of 2 shards
+    assert found["compute_per_sample"] == pytest.approx(2.0 / 1000)
+    assert found["apply_per_param"] == pytest.approx(0.4 / 200 / 500)
