@@ -24,8 +24,9 @@ Timeline of one Downpour step of replica r (``n_fetch = n_push = 1``)::
 - compute: the real forward and backward runs when the phase starts; it lasts
   ``batch * compute_per_sample`` (times a straggler's slowdown, if drawn).
 - push: per shard, the replica waits until its inbox slot there is free (the MPI
-  server has one slot per client per shard: ``depth = 1``), then puts its piece
-  (``latency + bytes / bandwidth``) and goes on.  The piece then queues at the shard,
+  server has one slot per client per shard: ``depth = 1``) and puts its piece
+  (``latency + bytes / bandwidth``); then it publishes all pieces at once (as the real
+  client does) and goes on.  Each piece then queues at its shard,
   a SimPy ``Resource`` of capacity 1: a shard applies one push at a time, in simulated
   arrival order, for ``params * apply_per_param`` seconds, and publishes the new version
   at the end of the apply (:meth:`ShardState.consume` runs then).  So staleness is
@@ -67,7 +68,7 @@ class Costs:
         apply_per_param: a shard's update, seconds per parameter applied.
         latency: seconds per message (each Get or Put to one shard).
         bandwidth: bytes per second of one transfer.
-        spread: measured step times over their median; when given, each compute
+        spread: measured step times over their mean; when given, each compute
             phase is drawn from them (real steps vary, and a simulation in which every
             replica takes exactly the median keeps them in lockstep, which changes the
             staleness they see).
@@ -253,8 +254,14 @@ class Cluster:
                 rep.stats.comm_seconds += self.env.now - tick
 
     def _put(self, r: int, pending: Pending):
-        """Put each shard's piece once its slot is free; the shard applies it later."""
-        for s, part in enumerate(self.stores[r].parts):
+        """Put every shard's piece, then publish them all; the shards apply them later.
+
+        As ``ParameterClient.push``: wait for this client's slot on each shard, Put the
+        pieces one after another, flush, and only then publish every slot word, so the
+        shards all see the push at the same moment, at its end.
+        """
+        parts = self.stores[r].parts
+        for part in parts:
             slot = self.slots[r][part.rank]
             if slot is not None and not slot.triggered:
                 tick = self.env.now
@@ -263,6 +270,7 @@ class Cluster:
             size = part.local.stop - part.local.start
             yield self.env.timeout(self.costs.transfer(4 * size if pending.grad is not None
                                                        else 0))
+        for s, part in enumerate(parts):
             version = -1 if pending.versions is None else int(pending.versions[s])
             piece = None if pending.grad is None else pending.grad[part.local]
             applied = self.env.event()
