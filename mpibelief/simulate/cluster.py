@@ -72,6 +72,8 @@ class Costs:
             phase is drawn from them (real steps vary, and a simulation in which every
             replica takes exactly the median keeps them in lockstep, which changes the
             staleness they see).
+        first_step: seconds added to a replica's first compute: a fresh process
+            loads its compiled kernels then (a cluster's replicas pay it too).
     """
 
     compute_per_sample: float
@@ -79,6 +81,7 @@ class Costs:
     latency: float
     bandwidth: float
     spread: tuple[float, ...] = ()
+    first_step: float = 0.0
 
     def transfer(self, nbytes: int) -> float:
         return self.latency + nbytes / self.bandwidth
@@ -244,6 +247,8 @@ class Cluster:
             if self.faults.straggler_fraction and \
                     self.rng.random() < self.faults.straggler_fraction:
                 seconds *= self.faults.straggler_slowdown
+            if rep.stats.steps == 1:  # the step just computed was its first
+                seconds += c.first_step
             rep.stats.compute_seconds += seconds
             yield self.env.timeout(seconds)
         elif name == "push":

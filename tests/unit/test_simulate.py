@@ -86,6 +86,9 @@ def test_simulated_seconds_follow_the_calibration(data):
     assert cluster2.env.now - cluster.env.now == pytest.approx(steps * 16 * 1e-3)
     stats = cluster.replicas[0].stats
     assert stats.compute_seconds == pytest.approx(steps * 16e-3)
+    warming = Costs(*[getattr(COSTS, k) for k in calibrate.FIELDS], first_step=0.5)
+    _, cluster3 = run(data, costs=warming)  # a fresh process's first step, paid once
+    assert cluster3.env.now - cluster.env.now == pytest.approx(0.5)
     assert stats.train_seconds == pytest.approx(steps * step, rel=1e-9)
 
 
