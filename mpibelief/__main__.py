@@ -16,6 +16,7 @@ import traceback
 
 from mpibelief import config as configs
 from mpibelief.errors import ConfigError, LayoutError, UserError
+from mpibelief.simulate import cli as simulate_cli
 
 EPILOG = """examples:
   python -m mpibelief info --np 5 configs/demo.toml
@@ -24,6 +25,7 @@ EPILOG = """examples:
   python -m mpibelief plot accuracy results/demo.h5 results/sgd.h5 --out results/cmp.png
   mpiexec -n 2 python -m mpibelief train configs/sync_strom.toml
   python -m mpibelief plot compression results/compression.h5
+  python -m mpibelief simulate configs/demo.toml --set layout.replicas=8 --calibrate
 """
 
 
@@ -50,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     info = with_config("info", "print the rank/role table and model size for a world size")
     info.add_argument("--np", type=int, required=True, help="the world size to check")
     with_config("data", "build (or check) the feature cache and describe the data")
+    simulate_cli.add_parser(sub, with_config)
 
     plot = sub.add_parser("plot", help="draw figures from result files")
     plot.add_argument("figure", choices=["accuracy", "compression"],
@@ -199,7 +202,9 @@ def main(argv=None) -> int:
         # Before numpy and numba load: one thread each per rank unless asked otherwise.
         for var in ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
             os.environ.setdefault(var, str(cfg.run.threads))
-        return {"train": cmd_train, "info": cmd_info, "data": cmd_data}[args.command](args, cfg)
+        commands = {"train": cmd_train, "info": cmd_info, "data": cmd_data,
+                    "simulate": simulate_cli.cmd_simulate}
+        return commands[args.command](args, cfg)
     except (ConfigError, LayoutError) as exc:
         return _fail(str(exc), 2, everywhere=True)
     except UserError as exc:

@@ -1,0 +1,305 @@
+"""The simulated cluster: real Downpour replicas and shard states on a SimPy clock.
+
+What is real and what is simulated::
+
+    real        Replica phases (worker.py), the model's gradients on the real data,
+                ShardState.consume (the update rule, versions, staleness counters),
+                the Evaluator, the result file
+    simulated   when each of those happens: compute, transfer and apply durations
+                come from a :class:`Costs` calibrated on this machine
+                (:mod:`mpibelief.simulate.calibrate`), so R replicas and S shards
+                need neither R + S cores nor R + S processes
+
+Timeline of one Downpour step of replica r (``n_fetch = n_push = 1``)::
+
+    replica r   |-fetch-|------compute------|-put s0-|-put s1-|-fetch-|---compute ...
+                ^ pull reads the shards     ^ gradient computed    (wait here while its
+                  (versions) now              at the start          slot on a shard still
+    shard s0                                          |--apply--|   holds its last push)
+    shard s1                                                   |q|--apply--|
+
+- fetch: the real pull reads the shards' current versions when the phase starts; it
+  then lasts ``latency + bytes / bandwidth`` per shard (the client Gets the shards
+  one after another, as ``ParameterClient.pull`` does).
+- compute: the real forward and backward runs when the phase starts; it lasts
+  ``batch * compute_per_sample`` (times a straggler's slowdown, if drawn).
+- push: per shard, the replica waits until its inbox slot there is free (the MPI
+  server has one slot per client per shard: ``depth = 1``) and puts its piece
+  (``latency + bytes / bandwidth``); then it publishes all pieces at once (as the real
+  client does) and goes on.  Each piece then queues at its shard,
+  a SimPy ``Resource`` of capacity 1: a shard applies one push at a time, in simulated
+  arrival order, for ``params * apply_per_param`` seconds, and publishes the new version
+  at the end of the apply (:meth:`ShardState.consume` runs then).  So staleness is
+  what R real replicas would see, and a slow shard queues pushes and becomes the
+  bottleneck (its busy fraction goes to 1).
+
+Why SimPy rather than the hand-written heapq loop of ``tests/unit/test_replicas_in_memory``:
+that loop suffices for replicas that only advance their own clock, but shards are
+shared servers with FIFO queues, pushes wait for free inbox slots (an event another
+process triggers), the warmstart releases replicas on an event, and the coordinator
+samples on a timer.  SimPy's ``Resource``, ``Event`` and ``timeout`` say each of these
+in one line, with deterministic ordering of simultaneous events (by time, then
+creation order); a hand-written loop would re-implement them.  SimPy is pure Python,
+small and maintained (4.x); it is the only dependency the simulator adds.
+
+What is not modelled (each would need a measurement to calibrate it first): contention
+on network links (transfers are independent), the coordinator's own costs (evaluation
+takes no simulated time), and model parallelism within a replica (P = 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import simpy
+
+from mpibelief.optim import all_finite
+from mpibelief.ps.memory import MemoryServer
+from mpibelief.ps.state import GRADIENT, REFUSED
+
+
+@dataclass(frozen=True)
+class Costs:
+    """What each phase costs in simulated seconds (see :mod:`.calibrate`).
+
+    Attributes:
+        compute_per_sample: forward and backward, seconds per training sample.
+        apply_per_param: a shard's update, seconds per parameter applied.
+        latency: seconds per message (each Get or Put to one shard).
+        bandwidth: bytes per second of one transfer.
+        spread: measured step times over their mean; when given, each compute
+            phase is drawn from them (real steps vary, and a simulation in which every
+            replica takes exactly the median keeps them in lockstep, which changes the
+            staleness they see).
+        first_step: seconds added to a replica's first compute: a fresh process
+            loads its compiled kernels then (a cluster's replicas pay it too).
+    """
+
+    compute_per_sample: float
+    apply_per_param: float
+    latency: float
+    bandwidth: float
+    spread: tuple[float, ...] = ()
+    first_step: float = 0.0
+
+    def transfer(self, nbytes: int) -> float:
+        return self.latency + nbytes / self.bandwidth
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Stragglers and failures of simulated replicas.
+
+    Attributes:
+        straggler_fraction: chance that a compute phase is slowed.
+        straggler_slowdown: its duration factor when it is.
+        shard_slowdown: per shard, a factor on its apply time (a slow machine).
+        fail_at: ``(replica, seconds)``: the replica stops at that simulated time
+            (after the step in progress; its unpushed gradient is lost).
+    """
+
+    straggler_fraction: float = 0.0
+    straggler_slowdown: float = 1.0
+    shard_slowdown: tuple[float, ...] = ()
+    fail_at: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass
+class ShardTimes:
+    """A simulated shard's time: busy applying, and the queue it kept."""
+
+    busy_seconds: float = 0.0
+    max_queue: int = 0
+
+
+@dataclass
+class Pending:
+    """A push handed to the store and not yet put: the gradient (copied) and its tags."""
+
+    grad: np.ndarray | None
+    versions: np.ndarray | None
+    samples: int
+
+
+class SimStore:
+    """A replica's parameter store in simulation: pulls read the shards now, pushes wait.
+
+    It wraps a :class:`~mpibelief.ps.memory.MemoryClient` (same parts, same counters),
+    but a push is only recorded here; the cluster puts it on the simulated network and
+    the shards apply it when their turn comes.
+    """
+
+    def __init__(self, client):
+        self.client = client
+        self.parts, self.stats, self.n_params = client.parts, client.stats, client.n_params
+        self.pending: Pending | None = None
+
+    def pull(self, out: np.ndarray) -> np.ndarray:
+        return self.client.pull(out)
+
+    def push(self, grad: np.ndarray, versions=None, samples: int = 0) -> None:
+        finite = all_finite(grad) if self.client.check_finite else True
+        self.pending = Pending(grad.copy() if finite else None, versions, samples)
+        self.stats.pushes += 1
+        self.stats.refused += int(not finite)
+        self.stats.bytes_pushed += grad.nbytes if finite else 0
+
+    def take(self) -> Pending | None:
+        pending, self.pending = self.pending, None
+        return pending
+
+
+@dataclass
+class Cluster:
+    """R replicas (real :class:`~mpibelief.worker.Replica` objects over :class:`SimStore`)
+    and the shard states of ``server``, on one SimPy environment.
+
+    Args:
+        server: the shard states; client 0 is the coordinator, client ``r + 1`` replica r.
+        replicas: the replicas, built by the caller over ``stores``.
+        stores: replica r's :class:`SimStore`.
+        costs, faults: the machine.
+        steps: each replica's steps (replica 0's include the warmstart).
+        warmstart: steps replica 0 makes alone before the others start.
+        seed: the straggler draws.
+    """
+
+    server: MemoryServer
+    replicas: list
+    stores: list[SimStore]
+    costs: Costs
+    steps: list[int]
+    faults: Faults = field(default_factory=Faults)
+    warmstart: int = 0
+    seed: int = 0
+
+    def __post_init__(self):
+        self.env = simpy.Environment()
+        n = len(self.server.states)
+        self.shards = [simpy.Resource(self.env, capacity=1) for _ in range(n)]
+        self.times = [ShardTimes() for _ in range(n)]
+        # slot[r][s]: fires when replica r's last push to shard s has been applied.
+        self.slots = [[None] * n for _ in self.replicas]
+        self.warm_done = self.env.event()
+        self.rng = np.random.default_rng(self.seed)
+        self.failed: set[int] = set()
+        # A plain event, not AllOf: SimPy strips a nested condition's callbacks when an
+        # AnyOf around it fires first (run's timeout would leave it never triggering).
+        self.all_done = self.env.event()
+        self.ended = 0
+        for r in range(len(self.replicas)):
+            self.env.process(self._replica(r))
+
+    def run(self, seconds: float = float("inf")) -> None:
+        """Advance simulated time by ``seconds``, or less if every replica ends first
+        (a replica ends once its last push is applied)."""
+        if self.all_done.triggered:
+            return
+        until = [self.all_done]
+        if seconds < float("inf"):
+            until.append(self.env.timeout(seconds))
+        self.env.run(until=simpy.AnyOf(self.env, until))
+
+    @property
+    def finished(self) -> bool:
+        return self.all_done.triggered
+
+    def _replica(self, r: int):
+        yield from self._life(r)
+        self.ended += 1
+        if self.ended == len(self.replicas):
+            self.all_done.succeed()
+
+    def _life(self, r: int):
+        rep, env = self.replicas[r], self.env
+        fail = dict(self.faults.fail_at).get(r, float("inf"))
+        if r > 0 and self.warmstart:
+            yield self.warm_done
+        while rep.stats.steps < self.steps[r]:
+            if env.now >= fail:
+                self.failed.add(r)
+                return
+            if r == 0 and rep.stats.steps == self.warmstart and not self.warm_done.triggered:
+                self.warm_done.succeed()
+            tick = env.now
+            for name in rep.phases():
+                yield from self._phase(r, name)
+            rep.stats.train_seconds += env.now - tick
+        if r == 0 and not self.warm_done.triggered:
+            self.warm_done.succeed()
+        rep.push()  # the last partial sum, as Replica.finish would
+        yield from self._phase(r, "push")
+        yield simpy.AllOf(self.env, [e for e in self.slots[r] if e is not None])
+        rep.finish()
+
+    def _phase(self, r: int, name: str):
+        rep, c = self.replicas[r], self.costs
+        if name == "fetch":
+            seconds = sum(c.transfer(4 * (p.local.stop - p.local.start))
+                          for p in self.stores[r].parts)
+            rep.stats.comm_seconds += seconds
+            yield self.env.timeout(seconds)
+        elif name == "compute":
+            seconds = rep.batch * c.compute_per_sample
+            if c.spread:
+                seconds *= c.spread[self.rng.integers(len(c.spread))]
+            if self.faults.straggler_fraction and \
+                    self.rng.random() < self.faults.straggler_fraction:
+                seconds *= self.faults.straggler_slowdown
+            if rep.stats.steps == 1:  # the step just computed was its first
+                seconds += c.first_step
+            rep.stats.compute_seconds += seconds
+            yield self.env.timeout(seconds)
+        elif name == "push":
+            pending = self.stores[r].take()
+            if pending is not None:
+                tick = self.env.now
+                yield from self._put(r, pending)
+                rep.stats.comm_seconds += self.env.now - tick
+
+    def _put(self, r: int, pending: Pending):
+        """Put every shard's piece, then publish them all; the shards apply them later.
+
+        As ``ParameterClient.push``: wait for this client's slot on each shard, Put the
+        pieces one after another, flush, and only then publish every slot word, so the
+        shards all see the push at the same moment, at its end.
+        """
+        parts = self.stores[r].parts
+        for part in parts:
+            slot = self.slots[r][part.rank]
+            if slot is not None and not slot.triggered:
+                tick = self.env.now
+                yield slot
+                self.stores[r].stats.wait_seconds += self.env.now - tick
+            size = part.local.stop - part.local.start
+            yield self.env.timeout(self.costs.transfer(4 * size if pending.grad is not None
+                                                       else 0))
+        for s, part in enumerate(parts):
+            version = -1 if pending.versions is None else int(pending.versions[s])
+            piece = None if pending.grad is None else pending.grad[part.local]
+            applied = self.env.event()
+            self.slots[r][part.rank] = applied
+            self.env.process(self._apply(part, piece, version, r + 1, pending.samples, applied))
+
+    def _apply(self, part, piece, version: int, client: int, samples: int, applied):
+        """One push at shard ``part.rank``: queue, apply for its cost, then publish."""
+        s = part.rank
+        shard, times = self.shards[s], self.times[s]
+        with shard.request() as turn:
+            times.max_queue = max(times.max_queue, len(shard.queue) + 1)
+            yield turn
+            factor = (self.faults.shard_slowdown[s]
+                      if s < len(self.faults.shard_slowdown) else 1.0)
+            seconds = 0.0 if piece is None else \
+                piece.size * self.costs.apply_per_param * factor
+            yield self.env.timeout(seconds)
+            times.busy_seconds += seconds
+            kind = REFUSED if piece is None else GRADIENT
+            self.server.states[s].consume(kind, piece, part.offset, version, client, samples)
+        applied.succeed()
+
+    def busy_fractions(self) -> list[float]:
+        """Each shard's applying time over the simulated run time."""
+        now = self.env.now
+        return [t.busy_seconds / now if now else 0.0 for t in self.times]

@@ -1,0 +1,164 @@
+"""``mpibelief simulate CONFIG``: a Downpour run on the simulated cluster, as a result file.
+
+The run is the config's (``layout.shards`` shards, ``layout.replicas`` replicas, the
+same data, model, seeds, ``train`` and ``downpour`` tables as ``mpibelief train``), the
+file is the layout of :mod:`mpibelief.results`, and the coordinator's part is played
+here: every ``train.eval_every`` *simulated* seconds the shards' parameters are
+evaluated into ``/metrics`` (``wall_seconds`` is simulated seconds), and at the end
+``/ranks`` and ``/server`` (staleness histogram, busy fractions) are written.  The root
+attributes say ``simulated = True`` and name the calibration file the costs came from.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mpibelief.errors import ConfigError
+from mpibelief.simulate import calibrate
+from mpibelief.simulate.cluster import Cluster, Costs, Faults, SimStore
+
+
+class SimClock:
+    """The replicas' clock: the simulation's time (set once the cluster exists)."""
+
+    simulated = True
+    env = None
+
+    def now(self) -> float:
+        return self.env.now if self.env is not None else 0.0
+
+    def sleep(self, seconds: float) -> None:
+        raise RuntimeError("a simulated role must not sleep: the cluster moves time")
+
+    cpu = now
+
+
+def check(cfg) -> None:
+    """What the simulator runs today: Downpour, P = 1, dense pushes, explicit R and S."""
+    if cfg.run.algorithm != "downpour":
+        raise ConfigError(f"simulate runs run.algorithm = 'downpour', not {cfg.run.algorithm!r}")
+    lay = cfg.layout
+    if lay.replicas < 1 or lay.shards < 1 or lay.partitions != 1:
+        raise ConfigError("simulate needs layout.replicas >= 1, layout.shards >= 1 and"
+                          " layout.partitions = 1 (e.g. --set layout.replicas=4)")
+    if cfg.compression.enabled:
+        raise ConfigError("simulate does not model compressed pushes yet")
+
+
+def build(cfg, data, costs: Costs, faults: Faults):
+    """The coordinator's model, the shard states (loaded) and the cluster."""
+    from mpibelief.algorithms.downpour import steps_per_replica
+    from mpibelief.model import Model
+    from mpibelief.optim import Optimizer
+    from mpibelief.ps.memory import MemoryServer
+    from mpibelief.worker import Replica
+
+    R, S = cfg.layout.replicas, cfg.layout.shards
+    model = Model.from_config(cfg.model, data.n_inputs, data.n_classes)
+    model.init(cfg.run.seed, cfg.model.init_scale)
+    optimizer = Optimizer.from_config(cfg.train)
+    optimizer.warm()
+    n = model.n_params
+    server = MemoryServer(n, S, optimizer, ranges=[(0, n)] * (R + 1))
+    server.client(0).load(model.params)
+    clock, stores, replicas, steps = SimClock(), [], [], []
+    for r in range(R):
+        stores.append(SimStore(server.client(r + 1)))
+        shard = data.shard(r, R)
+        own = Model.from_config(cfg.model, data.n_inputs, data.n_classes)
+        replicas.append(Replica(1 + S + r, own, stores[-1], shard, cfg.train, cfg.downpour,
+                                seed=cfg.run.seed + 1 + r, clock=clock))
+        warm = cfg.downpour.warmstart_steps if r == 0 else 0
+        steps.append(steps_per_replica(cfg, len(shard.y_train)) + warm)
+    cluster = Cluster(server, replicas, stores, costs, steps, faults,
+                      cfg.downpour.warmstart_steps, cfg.run.seed)
+    clock.env = cluster.env
+    return model, server, cluster
+
+
+def simulate(cfg, out: Path, calibration: Path, faults: Faults | None = None,
+             overwrite: bool = False) -> dict:
+    """Run the config on the simulated cluster; write ``out``; return the last row."""
+    from mpibelief.algorithms.downpour import method
+    from mpibelief.coordinator import Evaluator
+    from mpibelief.data import load_dataset
+    from mpibelief.layout import make_layout
+    from mpibelief.progress import Progress
+    from mpibelief.results import ResultWriter
+
+    check(cfg)
+    faults = faults or Faults()
+    costs = calibrate.read(calibration)
+    data = load_dataset(cfg.data)
+    model, server, cluster = build(cfg, data, costs, faults)
+    R, S = cfg.layout.replicas, cfg.layout.shards
+    lay = make_layout(1 + S + R, S, R, 1)
+    name = method(cfg, R)
+    attrs = {"config": cfg.to_toml(), "algorithm": "downpour", "method": name,
+             "world_size": lay.world, "roles": lay.table(), "dataset": data.name,
+             "n_classes": data.n_classes, "n_params": model.n_params, "replicas": R,
+             "simulated": True, "calibration": str(calibration),
+             **{f"cost_{k}": getattr(costs, k) for k in calibrate.FIELDS},
+             "faults": repr(faults)}
+    evaluate = Evaluator(data, cfg.train.eval_samples, cfg.run.seed)
+    total = sum(cluster.steps) * cfg.train.batch
+    with ResultWriter(out, attrs, overwrite) as writer:
+        progress = Progress(total, f"{name} (simulated)")
+        started = time.perf_counter()
+        row = _loop(cfg, cluster, server, model, evaluate, writer, progress)
+        progress.close()
+        _tables(writer, lay, server, cluster)
+        writer.set_attrs({"real_seconds": time.perf_counter() - started,
+                          "failed_replicas": sorted(cluster.failed)})
+    return row
+
+
+def _loop(cfg, cluster, server, model, evaluate, writer, progress) -> dict:
+    """Sample, advance ``eval_every`` simulated seconds, until the end or max_seconds."""
+    limit = cfg.train.max_seconds or float("inf")
+    while True:
+        row = _sample(cluster, server, model, evaluate, writer, progress)
+        if cluster.finished or cluster.env.now >= limit:
+            return row
+        cluster.run(min(cfg.train.eval_every, limit - cluster.env.now))
+
+
+def _sample(cluster, server, model, evaluate, writer, progress) -> dict:
+    model.params[:] = server.params()
+    versions = [s.version for s in server.states]
+    row = {"wall_seconds": cluster.env.now, "updates": min(versions) - 1,
+           "samples": int(server.samples_applied()[1:].sum()), **evaluate(model)}
+    writer.append_metrics(row)
+    progress.update(row["samples"] - progress.done, test_acc=row["test_accuracy"],
+                    sim_s=round(cluster.env.now, 2))
+    return row
+
+
+def _tables(writer, lay, server, cluster) -> None:
+    """``/ranks`` and ``/server`` as a real Downpour run writes them."""
+    from mpibelief.algorithms.downpour import merged_staleness
+    from mpibelief.results import RankStats
+
+    now = cluster.env.now
+    shard_stats = [s.stats for s in server.states]
+    rows = [RankStats(lay.coordinator_rank)]
+    rows += [RankStats(rank, 0, now, t.busy_seconds, 0.0, now - t.busy_seconds)
+             for rank, t in zip(lay.shard_ranks(), cluster.times, strict=True)]
+    for rep, store in zip(cluster.replicas, cluster.stores, strict=True):
+        rep.stats.wait_seconds = store.stats.wait_seconds
+        rep.stats.bytes_pushed, rep.stats.bytes_pulled = (store.stats.bytes_pushed,
+                                                          store.stats.bytes_pulled)
+        rows.append(rep.stats.rank_stats())
+    writer.write_ranks(rows)
+    writer.write_table("server", {
+        "shard_rank": lay.shard_ranks(),
+        "applied": [s.applied for s in shard_stats],
+        "refused": [s.refused for s in shard_stats],
+        "staleness": merged_staleness(shard_stats),
+        "bytes_in": [s.bytes_in for s in shard_stats],
+        "busy_fraction": np.array(cluster.busy_fractions()),
+        "max_queue": [t.max_queue for t in cluster.times],
+    })
