@@ -12,7 +12,9 @@ fetch and push (Downpour) would be measured by ``bench/downpour.py``.
 One warm-up step (Numba's JIT, first-touch of the buffers) is run and dropped.  Per
 rank and per timed step: wall seconds, seconds waiting for other partitions (halo and
 activation exchanges and allreduces: the time the slowest partition costs the
-others) and bytes sent; compute is wall minus wait.  Rank 0 writes them with each
+others), bytes sent, and CPU seconds (what the rank computed, however the machine's
+other jobs shared its core out: on a loaded machine, wall time shows the load and CPU
+time the work); compute is wall minus wait.  Rank 0 writes them with each
 rank's peak resident memory as JSON.
 """
 
@@ -56,12 +58,14 @@ def time_steps(model, comm, batch: int, steps: int, seed: int) -> dict:
     x = rng.standard_normal((batch, model.n_inputs), dtype=np.float32)
     y = rng.integers(0, model.n_classes, batch)
     part.loss_and_grad(x, y)
-    rows = {"seconds": [], "wait_seconds": [], "bytes_sent": []}
+    rows = {"seconds": [], "wait_seconds": [], "bytes_sent": [], "cpu_seconds": []}
     for _ in range(steps):
         comm.Barrier()  # every step starts together: its time is the slowest rank's
         wait0, sent0, tick = part.wait_seconds, part.bytes_sent, time.perf_counter()
+        cpu0 = time.process_time()
         part.loss_and_grad(x, y)
         rows["seconds"].append(time.perf_counter() - tick)
+        rows["cpu_seconds"].append(time.process_time() - cpu0)
         rows["wait_seconds"].append(part.wait_seconds - wait0)
         rows["bytes_sent"].append(part.bytes_sent - sent0)
     rows["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

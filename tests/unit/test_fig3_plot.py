@@ -29,7 +29,8 @@ def bench_module():
 
 def case(seconds: float, P: int) -> dict:
     return {"seconds": seconds, "compute_seconds": np.full(P, 0.9 * seconds),
-            "wait_seconds": np.full(P, 0.1 * seconds), "bytes_sent": np.full(P, 1000),
+            "wait_seconds": np.full(P, 0.1 * seconds), "cpu_seconds": np.full(P, seconds / 2),
+            "bytes_sent": np.full(P, 1000),
             "max_rss_bytes": np.full(P, 2**20), "batch": 8, "n_params": 500}
 
 
