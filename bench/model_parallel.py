@@ -43,8 +43,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-import h5py
-import numpy as np
+for _var in ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")  # before numpy: tiles are timed on one core
+
+import h5py  # noqa: E402 (after the thread settings)
+import numpy as np  # noqa: E402 (after the thread settings)
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -37,7 +37,7 @@ class LayerTimer:
         timed: how many distinct local layers were timed; seconds: time spent timing.
     """
 
-    def __init__(self, model, batch: int, repeats: int = 3, slow: float = 0.5):
+    def __init__(self, model, batch: int, repeats: int = 3, slow: float = 2.0):
         self.model, self.batch, self.repeats, self.slow = model, batch, repeats, slow
         self.cache: dict[tuple, tuple[float, float]] = {}
         self.timed, self.seconds = 0, 0.0

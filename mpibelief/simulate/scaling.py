@@ -30,13 +30,17 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
+for _var in ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")  # before numpy: tiles are timed on one core
 
-from mpibelief.simulate.network import PRESETS, Network
+import numpy as np  # noqa: E402 (after the thread settings)
+
+from mpibelief.simulate.network import PRESETS, Network  # noqa: E402
 
 PAPER_PARTITIONS = [1, 2, 4, 8, 16, 32, 36, 64, 100, 128, 144]
 MODELS = ["speech", "images_80m", "images_330m", "images_1700m"]
@@ -117,7 +121,10 @@ def build_model(name: str, batch: int | None):
 
 
 def validate(f, fitted: dict, net: Network) -> list[tuple]:
-    """``[(model, P, measured, predicted, error)]`` for every measured case."""
+    """``[(model, P, measured, predicted, error, measured_cpu, predicted_compute,
+    cpu_error)]`` for every measured case: wall seconds per mini-batch against the
+    prediction, and the busiest rank's CPU seconds against the predicted compute (the
+    load-robust twin: other jobs on the machine stretch wall time, not CPU time)."""
     rows = []
     for name, group in f.get("measured", {}).items():
         for g in group.values():
@@ -125,9 +132,11 @@ def validate(f, fitted: dict, net: Network) -> list[tuple]:
             if name not in fitted or P not in fitted[name].partitions:
                 continue
             s = fitted[name]
-            pred = predict(*s.tiles[P], s.bytes[P], net, s.batch)["seconds"]
+            got = predict(*s.tiles[P], s.bytes[P], net, s.batch)
             meas = float(g.attrs["median_seconds"])
-            rows.append((name, P, meas, pred, pred / meas - 1.0))
+            cpu = float(g.attrs.get("median_cpu_seconds", np.nan))
+            rows.append((name, P, meas, got["seconds"], got["seconds"] / meas - 1.0,
+                         cpu, got["compute"], got["compute"] / cpu - 1.0))
     return rows
 
 
@@ -153,9 +162,12 @@ def write_model(f, fitted: dict, chosen: Network, factor: float, rows: list,
             sub.attrs["batch"], sub.attrs["n_params"] = s.batch, s.model.n_params
     val = top.create_group("validation")
     val["model"] = np.array([r[0] for r in rows], dtype=object).astype("S")
-    for j, key in enumerate(("partitions", "measured", "predicted", "error"), start=1):
+    keys = ("partitions", "measured", "predicted", "error", "measured_cpu",
+            "predicted_compute", "cpu_error")
+    for j, key in enumerate(keys, start=1):
         val[key] = np.array([r[j] for r in rows])
     val.attrs["passed"] = bool(rows) and all(abs(r[4]) <= TOLERANCE for r in rows)
+    val.attrs["passed_cpu"] = bool(rows) and all(abs(r[7]) <= TOLERANCE for r in rows)
 
 
 def shape_check(fitted: dict, net: Network, factor: float) -> list[str]:
@@ -171,8 +183,7 @@ def shape_check(fitted: dict, net: Network, factor: float) -> list[str]:
             ok = peak <= 16 and up[-1] < 0.8 * up.max()
             line += f"  [{'ok' if ok else 'NOT'}: peaks at a few and falls off]"
         elif 64 in P:
-            i64 = list(P).index(64)
-            ok = all(np.diff(up[: i64 + 1]) > 0)
+            ok = up[list(P).index(64)] >= up[P < 64].max()  # still gaining at 64
             finals[name] = (s.model.n_params, up[-1])
             line += f"  [{'ok' if ok else 'NOT'}: gains up to 64]"
         lines.append(line)
@@ -214,10 +225,12 @@ def main(argv=None) -> int:
         rows = validate(f, fitted, local_network(f))
         write_model(f, fitted, chosen, args.factor, rows, seconds)
     print(f"\nvalidation on this machine's MPI, compute factor 1 (tolerance {TOLERANCE:.0%}):")
-    print(f"{'model':>13} {'P':>3} {'measured':>9} {'predicted':>10} {'error':>7}")
-    for name, P, meas, pred, err in rows:
-        flag = "" if abs(err) <= TOLERANCE else "  OUTSIDE"
-        print(f"{name:>13} {P:3d} {meas:9.3f} {pred:10.3f} {err:+7.1%}{flag}")
+    print(f"{'model':>13} {'P':>3} {'measured':>9} {'predicted':>10} {'error':>7}"
+          f" {'CPU meas.':>10} {'compute pred.':>14} {'error':>7}")
+    for name, P, meas, pred, err, cpu, comp, cerr in rows:
+        flag = "" if max(abs(err), abs(cerr)) <= TOLERANCE else "  OUTSIDE"
+        print(f"{name:>13} {P:3d} {meas:9.3f} {pred:10.3f} {err:+7.1%} {cpu:10.3f}"
+              f" {comp:14.3f} {cerr:+7.1%}{flag}")
     print(f"\nshape on {chosen.name} (latency {chosen.latency * 1e6:g} us, bandwidth"
           f" {chosen.bandwidth / 1e6:g} MB/s), compute factor {args.factor}:")
     for line in shape_check(fitted, chosen, args.factor):
