@@ -2,7 +2,8 @@
 
 Reads only the file ``bench/model_parallel.py`` writes (``results/fig3_measured.h5``):
 ``/measured/<model>/P<p>`` (this machine's jobs: each repeat's speed-up, paired with
-P = 1's job of the same round, as small dots; the median as a large marker) and
+P = 1's job of the same round, as small dots; the median as a large disc; the
+speed-up in CPU seconds, which the machine's other jobs do not stretch, as a square) and
 ``/model/curves/<preset>/<model>`` (the scaling model on the network preset the file
 names in ``/model``'s attributes, with its compute factor, as lines).  The paper's
 values (Dean et al. 2012, Figure 3, as ``PAPER.md`` tabulates them, read off the
@@ -54,7 +55,8 @@ def read_fig3(path: Path) -> dict:
 
 
 def _measured(group) -> dict:
-    """Per P: (median speed-up, each round's speed-up against P = 1's job that round)."""
+    """Per P: (median speed-up, each round's speed-up against P = 1's job that round,
+    the speed-up in the busiest rank's CPU seconds)."""
     if "P1" not in group:
         return {}
     base = group["P1/seconds"][()]
@@ -62,7 +64,8 @@ def _measured(group) -> dict:
     for g in group.values():
         seconds = g["seconds"][()]
         n = min(len(seconds), len(base))
-        out[int(g.attrs["partitions"])] = (float(g.attrs["speedup"]), base[:n] / seconds[:n])
+        out[int(g.attrs["partitions"])] = (float(g.attrs["speedup"]), base[:n] / seconds[:n],
+                                           float(g.attrs.get("cpu_speedup", np.nan)))
     return out
 
 
@@ -77,12 +80,15 @@ def _draw(ax, eff_ax, name: str, color: str, data: dict) -> None:
         P, up = np.array(list(PAPER[name])), np.array(list(PAPER[name].values()))
         ax.plot(P, up, "--x", color=color, alpha=0.6, ms=5, label=f"{label}: paper")
         eff_ax.plot(P, up / P, "--x", color=color, alpha=0.6, ms=5)
-    for P, (median, rounds) in sorted(data["measured"].get(name, {}).items()):
+    for P, (median, rounds, cpu) in sorted(data["measured"].get(name, {}).items()):
         ax.plot(np.full(len(rounds), P), rounds, ".", color=color, alpha=0.5)
         first = min(data["measured"][name]) == P
         ax.plot(P, median, "o", color=color, ms=8, mec="k",
-                label=f"{label}: measured here" if first else None)
+                label=f"{label}: measured here (wall)" if first else None)
+        ax.plot(P, cpu, "s", mfc="none", mec=color, ms=9,
+                label=f"{label}: measured here (CPU)" if first else None)
         eff_ax.plot(P, median / P, "o", color=color, ms=8, mec="k")
+        eff_ax.plot(P, cpu / P, "s", mfc="none", mec=color, ms=9)
 
 
 def plot_fig3(path: str, out: str | None = None) -> Path:

@@ -16,6 +16,11 @@ warm-up call on one sample (Numba's JIT), then the median of ``repeats`` calls, 
 single call when one already takes longer than ``slow`` seconds.  This is the same
 code the partition runs (:meth:`PartitionedModel.forward` calls ``layer.forward`` on
 the window), without the copies that assemble windows, which are small beside it.
+
+The clock is the thread's CPU time, not the wall's: this machine is shared, and at
+load 5-15 on 2 cores the wall time of one call swung 2-6x with other jobs (80M, one
+step: 0.27 s alone, 1.8 s in a busy minute), while its CPU time held.  A tile's CPU
+time is its compute on a core of its own, which is what a machine per partition gives.
 """
 
 from __future__ import annotations
@@ -85,8 +90,8 @@ class LayerTimer:
     @staticmethod
     def _once(local, x, out, dy, dx) -> tuple[float, float]:
         dy = dy.copy()  # backward overwrites it; copied outside the clock
-        tick = time.perf_counter()
+        tick = time.thread_time()
         local.forward(x, out)
-        mid = time.perf_counter()
+        mid = time.thread_time()
         local.backward(x, out, dy, dx)
-        return mid - tick, time.perf_counter() - mid
+        return mid - tick, time.thread_time() - mid

@@ -228,9 +228,13 @@ def main(argv=None) -> int:
     print(f"{'model':>13} {'P':>3} {'measured':>9} {'predicted':>10} {'error':>7}"
           f" {'CPU meas.':>10} {'compute pred.':>14} {'error':>7}")
     for name, P, meas, pred, err, cpu, comp, cerr in rows:
-        flag = "" if max(abs(err), abs(cerr)) <= TOLERANCE else "  OUTSIDE"
+        flag = "".join(f"  {what} outside" for what, e in (("wall", err), ("CPU", cerr))
+                       if abs(e) > TOLERANCE)
         print(f"{name:>13} {P:3d} {meas:9.3f} {pred:10.3f} {err:+7.1%} {cpu:10.3f}"
               f" {comp:14.3f} {cerr:+7.1%}{flag}")
+    for what, col in (("wall time", 4), ("CPU time", 7)):
+        ok = bool(rows) and all(abs(r[col]) <= TOLERANCE for r in rows)
+        print(f"{'PASS' if ok else 'FAIL'}: every {what} prediction within {TOLERANCE:.0%}")
     print(f"\nshape on {chosen.name} (latency {chosen.latency * 1e6:g} us, bandwidth"
           f" {chosen.bandwidth / 1e6:g} MB/s), compute factor {args.factor}:")
     for line in shape_check(fitted, chosen, args.factor):

@@ -53,9 +53,10 @@ def test_fig3_draws_from_the_bench_file(tmp_path, capsys):
     small_file(path)
     data = read_fig3(path)
     assert (data["preset"], data["factor"]) == ("1gbe", 2.0)  # stored for the acceptance
-    median, rounds = data["measured"]["speech"][2]
+    median, rounds, cpu = data["measured"]["speech"][2]
     assert median == pytest.approx(1.1 / 0.65)  # medians of this run's P = 1 and P = 2
     np.testing.assert_allclose(rounds, [2.0, 1.5])  # paired by round
+    assert cpu == pytest.approx(0.55 / 0.325)  # busiest rank's CPU seconds, medians
     assert list(data["curves"]["speech"]["partitions"]) == [1, 2, 4]
     with h5py.File(path) as f:
         assert len(f["model/validation/error"]) == 2 and "git_commit" in f.attrs
