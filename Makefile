@@ -42,5 +42,10 @@ bench: $(STAMP)
 	$(BIN)/python bench/compression.py
 	$(BIN)/python -m mpibelief plot compression results/compression.h5
 
+# Figure 3 from results/fig3_measured.h5 alone (no training, no timing); the file comes
+# from `python bench/model_parallel.py` (measures, then fits the scaling model).
+figures: $(STAMP)
+	$(BIN)/python -m mpibelief plot fig3 results/fig3_measured.h5 --out results/fig3.png
+
 clean:
 	rm -rf results/*.h5 results/*.png .cache .pytest_cache .ruff_cache

@@ -26,6 +26,7 @@ EPILOG = """examples:
   mpiexec -n 2 python -m mpibelief train configs/sync_strom.toml
   python -m mpibelief plot compression results/compression.h5
   python -m mpibelief simulate configs/demo.toml --set layout.replicas=8 --calibrate
+  python -m mpibelief plot fig3 results/fig3_measured.h5 --out results/fig3.png
 """
 
 
@@ -55,9 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     simulate_cli.add_parser(sub, with_config)
 
     plot = sub.add_parser("plot", help="draw figures from result files")
-    plot.add_argument("figure", choices=["accuracy", "compression"],
+    plot.add_argument("figure", choices=["accuracy", "compression", "fig3"],
                       help="accuracy: result files against time; compression: the"
-                           " file bench/compression.py wrote")
+                           " file bench/compression.py wrote; fig3: the file"
+                           " bench/model_parallel.py wrote (default out: fig3.png beside it)")
     plot.add_argument("runs", nargs="+", help="HDF5 result files")
     plot.add_argument("--out", help="PNG to write (default: beside the first run)")
     return p
@@ -141,7 +143,11 @@ def cmd_data(args, cfg) -> int:
 
 
 def cmd_plot(args) -> int:
-    if args.figure == "compression":
+    if args.figure == "fig3":
+        from mpibelief.plots.fig3 import plot_fig3
+
+        out = plot_fig3(args.runs[0], args.out)
+    elif args.figure == "compression":
         from mpibelief.plots.compression import plot_compression
 
         out = plot_compression(args.runs[0], args.out)

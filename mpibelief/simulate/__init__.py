@@ -1,7 +1,14 @@
-"""Virtual-time simulation: the real algorithms at scales this machine cannot run.
+"""Simulation: carrying the experiments past the cores of this machine, honestly.
 
-The replicas, shard states and kernels are the real ones; only the clock is simulated.
-See :mod:`mpibelief.simulate.cluster` (the discrete-event model),
-:mod:`mpibelief.simulate.calibrate` (the measured costs it is driven by) and
-:mod:`mpibelief.simulate.validate` (simulated against real runs on this machine).
+Two tools, each calibrated from measured runs and checked against them:
+
+- Virtual-time cluster simulation (Figures 4 and 5): the real replicas, shard states and
+  kernels, only the clock simulated.  :mod:`.cluster` (the discrete-event model),
+  :mod:`.calibrate` (the measured costs it is driven by), :mod:`.run` and :mod:`.cli`
+  (``mpibelief simulate``), :mod:`.validate` (simulated against real runs).
+- Model-parallel scaling (Figure 3): :mod:`.steptime` (one replica's forward plus
+  backward timed under ``mpiexec -n P``), :mod:`.pingpong` (this machine's MPI latency
+  and bandwidth), :mod:`.network` (a network description and the era presets),
+  :mod:`.compute` (one partition's per-layer compute, timed alone on one core) and
+  :mod:`.scaling` (time per mini-batch for any ``P`` from those).
 """
