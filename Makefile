@@ -23,9 +23,10 @@ $(STAMP): pyproject.toml
 ompi-venv:
 	sh tests/mpi/ompi_venv.sh .venv-ompi
 
+# The demo regenerates its own result each time: --overwrite is the user's say-so.
 demo: $(STAMP)
 	@echo "mpibelief demo: $(BIN)/mpiexec -n $(NP) python -m mpibelief train $(DEMO)"
-	$(BIN)/mpiexec -n $(NP) $(BIN)/python -m mpibelief train $(DEMO) --out results/demo.h5
+	$(BIN)/mpiexec -n $(NP) $(BIN)/python -m mpibelief train $(DEMO) --out results/demo.h5 --overwrite
 	$(BIN)/python -m mpibelief plot accuracy results/demo.h5 --out results/demo.png
 
 test: $(STAMP)
