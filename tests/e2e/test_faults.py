@@ -189,7 +189,7 @@ def test_a_killed_rank_is_named_and_recorded(tmp_path):
     job = Job(*DOWNPOUR, *LONG, "--set", "faults.kill_rank=3", "--set",
               "faults.kill_after=1.0", "--out", out)
     code, _, err = job.wait(60)
-    assert code != 0 and time.monotonic() - start < 45
+    assert code != 0 and time.monotonic() - start < 30 + 1.0  # within 30 s of the kill
     assert "mpibelief: error: " in err and names_dead(err, 3), err
     assert status(out).startswith("failed: ") and names_dead(status(out), 3)
 
@@ -255,7 +255,8 @@ def test_kill_then_resume_has_no_gap_and_no_repeats(tmp_path):
     job = Job(*DOWNPOUR, *LONG, *ckpt, "--set", "faults.kill_rank=4", "--set",
               "faults.kill_after=3.0", "--out", out)
     code, _, err = job.wait(60)
-    assert code != 0 and time.monotonic() - start < 45 and names_dead(err, 4), err
+    # The job ends within 30 s of the kill (which comes 3 s into training).
+    assert code != 0 and time.monotonic() - start < 30 + 3.0 and names_dead(err, 4), err
     job = Job(*DOWNPOUR, "--set", "train.epochs=500.0", "--set", "train.max_seconds=2.0",
               *ckpt, "--out", out, "--resume")
     code, _, err = job.wait(60)
