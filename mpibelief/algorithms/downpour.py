@@ -317,14 +317,21 @@ def _write_tables(writer, client, reports: dict, shard_stats: list, lay) -> None
         series = writer.series("compression", COMPRESSION)
         for log in logs:
             series.extend(log)
-    writer.write_table("server", {
+    writer.write_table("server", server_table(lay, shard_stats))
+
+
+def server_table(lay, shard_stats: list, busy=None) -> dict:
+    """The ``/server`` columns, one per shard (``busy``: busy fractions, if measured
+    elsewhere than in the shards' own statistics, as in simulation)."""
+    return {
         "shard_rank": lay.shard_ranks(),
         "applied": [s.applied for s in shard_stats],
         "refused": [s.refused for s in shard_stats],
         "staleness": merged_staleness(shard_stats),
         "bytes_in": [s.bytes_in for s in shard_stats],
-        "busy_fraction": [s.busy_fraction for s in shard_stats],
-    })
+        "busy_fraction": busy if busy is not None else [s.busy_fraction
+                                                        for s in shard_stats],
+    }
 
 
 DOWNPOUR = register(Algorithm(

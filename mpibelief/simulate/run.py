@@ -139,7 +139,7 @@ def _sample(cluster, server, model, evaluate, writer, progress) -> dict:
 
 def _tables(writer, lay, server, cluster) -> None:
     """``/ranks`` and ``/server`` as a real Downpour run writes them."""
-    from mpibelief.algorithms.downpour import merged_staleness
+    from mpibelief.algorithms.downpour import server_table
     from mpibelief.results import RankStats
 
     now = cluster.env.now
@@ -154,11 +154,6 @@ def _tables(writer, lay, server, cluster) -> None:
         rows.append(rep.stats.rank_stats())
     writer.write_ranks(rows)
     writer.write_table("server", {
-        "shard_rank": lay.shard_ranks(),
-        "applied": [s.applied for s in shard_stats],
-        "refused": [s.refused for s in shard_stats],
-        "staleness": merged_staleness(shard_stats),
-        "bytes_in": [s.bytes_in for s in shard_stats],
-        "busy_fraction": np.array(cluster.busy_fractions()),
+        **server_table(lay, shard_stats, np.array(cluster.busy_fractions())),
         "max_queue": [t.max_queue for t in cluster.times],
     })
