@@ -153,7 +153,8 @@ def coordinate(ctx) -> dict:
     ps.stop()
     shard_stats = coord.collect(lay.shard_ranks())
     coord.progress.close()
-    _write(ctx.writer, run.records, client, shard_stats, reports, lay, dispatcher, space)
+    write_tables(ctx.writer, run.records, client, shard_stats, reports, lay, dispatcher,
+                 space)
     coord.record_failures()
     if gone:  # hung ranks cannot join the shutdown: recorded, now end the job
         raise UserError(f"rank(s) {gone} stopped answering; the run finished without them"
@@ -281,8 +282,9 @@ def _samples(counts: np.ndarray, ps: ParameterServer, lay) -> int:
     return replica_samples(per_client[1:], lay)
 
 
-def _write(writer, records, client, shard_stats, reports: dict, lay, dispatcher,
-           space) -> None:
+def write_tables(writer, records, client, shard_stats, reports: dict, lay, dispatcher,
+                 space) -> None:
+    """``/sandblaster``, ``/ranks`` and ``/server``, for real and simulated runs alike."""
     columns = {f.name: [getattr(r, f.name) for r in records]
                for f in dataclasses.fields(BatchRecord)}
     columns["done_by"] = np.array(columns["done_by"], np.int64).reshape(len(records), -1)

@@ -19,6 +19,13 @@ evaluation, which decides whether a push it was making counts, see
 Every message is counted, pickled as mpi4py sends it, into :attr:`Dispatcher.bytes_in`
 and :attr:`Dispatcher.bytes_out`: the coordinator's traffic for the gradients is a few
 small tuples per portion, whatever the model's size.
+
+The transport is four methods: :meth:`~Dispatcher.evaluate` and
+:meth:`~Dispatcher.stop` (the waiting loops), ``_serve_one`` (a message in) and
+``_deliver`` (one out); every decision is made in the others, through ``_begin``,
+``_receive`` and ``_end``.  The virtual-time simulator
+(:mod:`mpibelief.simulate.sandblaster`) replaces those four and nothing else, so a
+simulated run hands portions out by this very code.
 """
 
 from __future__ import annotations
@@ -67,12 +74,7 @@ class Dispatcher:
         """Have the replicas sum the gradient of batch ``number`` (cut at ``bounds``)
         into the shards' accumulator; returns when every portion is pushed and summed.
         """
-        self.evaluation += 1
-        self.task = (number, bounds)
-        book = self.book = PortionBook([hi - lo for lo, hi in bounds], len(self.ranks),
-                                       self.push_every, self.backups, self.max_copies,
-                                       self.failed)
-        self._wake()
+        book = self._begin(number, bounds)
         backoff = Backoff(low=20e-6, high=5e-4)
         while not book.complete:
             if self._serve_one():
@@ -80,6 +82,21 @@ class Dispatcher:
             else:  # only with nothing queued: an answer waiting to be read is not silence
                 self._check_silence()
                 backoff.sleep()
+        return self._end()
+
+    def _begin(self, number: int, bounds: list[tuple[int, int]]) -> PortionBook:
+        """A new evaluation's book; the replicas waiting get their first portions."""
+        self.evaluation += 1
+        self.task = (number, bounds)
+        book = self.book = PortionBook([hi - lo for lo, hi in bounds], len(self.ranks),
+                                       self.push_every, self.backups, self.max_copies,
+                                       self.failed)
+        self._wake()
+        return book
+
+    def _end(self) -> PortionBook:
+        """The evaluation is complete: copies still computing are wasted."""
+        book = self.book
         book.stats.wasted += book.wasted_in_flight()
         self.book = None
         return book
@@ -101,10 +118,12 @@ class Dispatcher:
         if not self.comm.Iprobe(MPI.ANY_SOURCE, Tag.WORK, status):
             return False
         rank = status.Get_source()
-        message = self.comm.recv(source=rank, tag=Tag.WORK)
-        self.bytes_in += len(pickle.dumps(message, -1))
-        self._handle(self.index[rank], message)
+        self._receive(self.index[rank], self.comm.recv(source=rank, tag=Tag.WORK))
         return True
+
+    def _receive(self, r: int, message: tuple) -> None:
+        self.bytes_in += len(pickle.dumps(message, -1))
+        self._handle(r, message)
 
     def _handle(self, r: int, message: tuple) -> None:
         kind, *args = message
@@ -151,6 +170,9 @@ class Dispatcher:
         self.bytes_out += len(pickle.dumps(message, -1))
         if message[0] in ("task", "push") and self.clock is not None:
             self.holding[r] = self.clock.now()
+        self._deliver(r, message)
+
+    def _deliver(self, r: int, message: tuple) -> None:
         self.comm.send(message, dest=self.ranks[r], tag=Tag.TASK)
 
     def _check_silence(self) -> None:
