@@ -1,4 +1,7 @@
-"""``mpibelief simulate CONFIG``: a Downpour run on the simulated cluster, as a result file.
+"""``mpibelief simulate CONFIG``: a run on the simulated cluster, as a result file.
+
+:data:`SIMULATORS` says which algorithm is simulated by what: Downpour here,
+Sandblaster in :mod:`mpibelief.simulate.sandblaster`.  For Downpour:
 
 The run is the config's (``layout.shards`` shards, ``layout.replicas`` replicas, the
 same data, model, seeds, ``train`` and ``downpour`` tables as ``mpibelief train``), the
@@ -37,9 +40,34 @@ class SimClock:
 
 
 def check(cfg) -> None:
-    """What the simulator runs today: Downpour, P = 1, dense pushes, explicit R and S."""
-    if cfg.run.algorithm != "downpour":
-        raise ConfigError(f"simulate runs run.algorithm = 'downpour', not {cfg.run.algorithm!r}")
+    """Whether the simulator runs the config (its algorithm's own check)."""
+    _simulator(cfg)[0](cfg)
+
+
+def simulate(cfg, out: Path, calibration: Path, faults: Faults | None = None,
+             overwrite: bool = False, **options) -> dict:
+    """Run the config on the simulated cluster of its algorithm; write ``out``; return
+    the last ``/metrics`` row."""
+    return _simulator(cfg)[1](cfg, out, calibration, faults, overwrite, **options)
+
+
+def _sandblaster(name: str):
+    def call(*args, **kwargs):
+        from mpibelief.simulate import sandblaster  # it imports this module
+
+        return getattr(sandblaster, name)(*args, **kwargs)
+    return call
+
+
+def _simulator(cfg):
+    if cfg.run.algorithm not in SIMULATORS:
+        raise ConfigError(f"simulate runs run.algorithm = {' or '.join(map(repr, SIMULATORS))},"
+                          f" not {cfg.run.algorithm!r}")
+    return SIMULATORS[cfg.run.algorithm]
+
+
+def check_downpour(cfg) -> None:
+    """What the Downpour simulator runs: P = 1, dense pushes, explicit R and S."""
     lay = cfg.layout
     if lay.replicas < 1 or lay.shards < 1 or lay.partitions != 1:
         raise ConfigError("simulate needs layout.replicas >= 1, layout.shards >= 1 and"
@@ -79,9 +107,9 @@ def build(cfg, data, costs: Costs, faults: Faults):
     return model, server, cluster
 
 
-def simulate(cfg, out: Path, calibration: Path, faults: Faults | None = None,
-             overwrite: bool = False) -> dict:
-    """Run the config on the simulated cluster; write ``out``; return the last row."""
+def simulate_downpour(cfg, out: Path, calibration: Path, faults: Faults | None = None,
+                      overwrite: bool = False) -> dict:
+    """Run the Downpour config on the simulated cluster; write ``out``; return the last row."""
     from mpibelief.algorithms.downpour import method
     from mpibelief.coordinator import Evaluator
     from mpibelief.data import load_dataset
@@ -89,7 +117,7 @@ def simulate(cfg, out: Path, calibration: Path, faults: Faults | None = None,
     from mpibelief.progress import Progress
     from mpibelief.results import ResultWriter
 
-    check(cfg)
+    check_downpour(cfg)
     faults = faults or Faults()
     costs = calibrate.read(calibration)
     data = load_dataset(cfg.data)
@@ -114,6 +142,13 @@ def simulate(cfg, out: Path, calibration: Path, faults: Faults | None = None,
         writer.set_attrs({"real_seconds": time.perf_counter() - started,
                           "failed_replicas": sorted(cluster.failed)})
     return row
+
+
+# run.algorithm -> (check, simulate): what ``mpibelief simulate`` runs.
+SIMULATORS = {
+    "downpour": (check_downpour, simulate_downpour),
+    "sandblaster": (_sandblaster("check"), _sandblaster("simulate")),
+}
 
 
 def _loop(cfg, cluster, server, model, evaluate, writer, progress) -> dict:

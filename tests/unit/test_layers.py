@@ -29,6 +29,7 @@ LAYERS = {  # module prefix -> layer; the longest matching prefix wins
     "mpibelief.janitor": 4,
     "mpibelief.plots": 4,
     "mpibelief.simulate": 4,
+    "mpibelief.simulate.sandblaster": 4,  # the real Sandblaster driver on a SimPy clock
 }
 
 
