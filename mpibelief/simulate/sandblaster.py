@@ -5,26 +5,27 @@ What is real and what is simulated::
     real        LBFGSDriver (two-loop recursion, Wolfe line search) over a ShardSpace;
                 its vector commands (VectorCommands) on in-memory ShardStates; the
                 Dispatcher's decisions (PortionBook: dynamic load balancing, backup
-                copies, every portion summed exactly once); each portion's loss and
-                gradient on the real rows of its batch with the real kernels; the
-                shards' sums (ShardState.consume into the accumulator); the Evaluator
-                and the result file
+                copies, every portion summed exactly once); every portion's loss and
+                gradient on the real rows of its batch with the real kernels (done
+                once per evaluation, see below); the shards' counts of every push and
+                their sums; the Evaluator and the result file
     simulated   when each of those happens: durations from a Costs calibrated on
                 this machine (:mod:`mpibelief.simulate.calibrate`), so R replicas and
                 S shards need neither R + S cores nor R + S processes
 
-Timeline of one evaluation (a gradient over the batch at the published ``t``; R = 2,
-S = 2, ``push_every`` = 2, four portions, replica 1 a straggler)::
+Timeline of one evaluation (the gradient over the batch at the published ``t``): R = 2,
+S = 2, three portions, replica 1 a straggler whose portion a backup copy (p1') wins::
 
-    coordinator |-reset, publish t-|  decides as messages arrive   |-samples-|-scale, dots-|
-    replica 0                      |>|-pull-|-p0-|>|-p2-|>|-put s0-|-put s1-|..|>|-p3 copy-|>|
-    replica 1                      |>|-pull-|---------p1---------|>|-p3------------------|>|
-    shard 0                                                        |-sum-|
-    shard 1                                                                 |-sum-|
+    coordinator |reset, publish t|   (decides as messages arrive)                    |samples|dots|
+    replica 0   |>|pull|-p0-|>|put|put|..|>|-p2-|>|put|put|..|>|-p1'-|>|put|put|..|>|
+    replica 1   |>|pull|--------------------p1, slow---------------------|>| drop
+    shards 0, 1                       |+|                 |+|                  |+|
 
-``|>|`` is a message between a replica and the coordinator (``task``, ``done``,
-``push``, ``pushed``, ``drop``, ``ready``), each ``latency + pickled bytes /
-bandwidth``; the coordinator decides in no time (its own cost is not calibrated).
+``|>|`` is a message to the coordinator and its answer (``ready``/``task``,
+``done``/``push``, ``pushed``/``task``, ``done``/``drop``), each way ``latency + pickled
+bytes / bandwidth``; the coordinator decides in no time (its own cost is not
+calibrated).  ``..`` is the replica waiting until every shard has summed its push
+(``|+|``, both shards at once).
 
 - command: the driver's vector commands travel to every shard at once
   (:class:`~mpibelief.ps.vectors.ShardSpace` queues those that return nothing and sends
@@ -44,16 +45,27 @@ bandwidth``; the coordinator decides in no time (its own cost is not calibrated)
   is summed for ``slice * apply_per_param`` (times the shard's slowdown); the replica
   waits until every shard has summed it, then answers ``pushed``.
 
-The arithmetic, done once.  Every replica of an evaluation pulls the same published
-parameters, so one model holds them, and a backup copy computes what the original
-computes.  So a portion's loss is computed (forward only) when its first copy
-finishes, a push's gradient sum ``sum(rows * grad)`` (summed portion by portion in
-float32, as PortionWorker sums it) when its first shard sums it, and kept until its
-last shard has (within :data:`CACHE_BYTES`; beyond that it is recomputed, counted in
-the ``gradient_sums_recomputed`` attribute).  A copy that lost is never computed: its
-result is dropped unread.  The real work per evaluation is one forward and one forward
-and backward over the batch, whatever R is; the shards still sum every push (R
-pushes of the whole vector per evaluation when the batch is cut into R portions).
+The arithmetic, done once per evaluation (:class:`PortionMath`).  Every replica of an
+evaluation pulls the same published parameters, so one model holds them, and a backup
+copy computes exactly what its original computes.  So:
+
+- losses: one forward pass over the batch gives every portion's loss
+  (:meth:`~mpibelief.model.Model.range_losses`: what ``loss_and_grad`` on the
+  portion's rows alone returns); a replica's ``done`` carries its portion's;
+- gradients: each shard counts a push when it sums it, in simulated time (applied,
+  samples per replica: what the exactly-once check reads,
+  :meth:`~mpibelief.ps.state.ShardState.count_summed`) and notes its portions; when
+  the evaluation is complete, before any command reads the accumulator, every shard
+  adds its pushes' data at once.  A push's data is the sum of its portions' gradients
+  times their rows, so by linearity the sum of all of a shard's pushes is the
+  gradient over the union of their rows, and that union is the batch (each shard
+  checks it summed every portion exactly once): one forward and backward pass over
+  the batch.  Only the float32 summation order differs from R replicas' sums (as it
+  differs between two real runs); a non-finite gradient ends the run with one line
+  (the real shards would refuse the push, and the driver's count check would fail).
+
+So the real work per evaluation is two forward passes and one backward pass over the
+batch, whatever R is; a copy that lost costs nothing but its simulated time.
 
 Defaults: a batch must have at least as many portions as replicas; when
 ``sandblaster.portions`` is fewer, the run cuts the batch into R portions (one per
@@ -85,9 +97,6 @@ from mpibelief.simulate.run import SimClock
 PASSES = {"dot": 1, "axpy": 1, "scale": 1, "copy": 1, "lincomb": 1, "add": 1, "mul": 1,
           "zero": 1, "push_history": 2, "reset_accumulator": 1, "samples": 0,
           "exclude": 0, "publish": 1}
-# Push sums kept between their first and their last shard (with equally fast shards
-# that is one or two at a time; a slow shard lags, and past this they are recomputed).
-CACHE_BYTES = 256 * 2**20
 
 
 def portions_for(cfg) -> int:
@@ -123,28 +132,19 @@ def resolved(cfg):
 @dataclasses.dataclass
 class SimReplica:
     """A virtual replica: what PortionWorker holds (its pending sum as portion numbers,
-    the evaluation whose parameters it pulled), its report and its inbox."""
+    the evaluation whose parameters it pulled), its report, and ``mail``: the answer
+    to its last message (one at a time: the protocol is strictly request and reply)."""
 
     stats: object  # WorkerStats
-    inbox: simpy.Store
+    mail: simpy.Event
     slow: float = 1.0
     pending: list[int] = dataclasses.field(default_factory=list)
     evaluation: int = -1
 
 
-@dataclasses.dataclass
-class Push:
-    """A replica's push on its way through the shards: its portions, and the gradient
-    sum once the first shard needed it (until the last has summed it)."""
-
-    portions: list[int]
-    samples: int
-    left: int  # shards still to sum it
-    vector: np.ndarray | None = None
-
-
 class PortionMath:
-    """The replicas' arithmetic at the evaluation's parameters, each piece done once.
+    """The replicas' arithmetic at an evaluation's parameters, done once (see the module
+    docstring): every portion's loss, and the gradient over the batch.
 
     Args:
         model: a model of its own (its parameters are set per evaluation).
@@ -155,43 +155,32 @@ class PortionMath:
     def __init__(self, model, data, batch: int, seed: int, bounds: list[tuple[int, int]]):
         self.model, self.data, self.batch, self.seed = model, data, batch, seed
         self.bounds = bounds
-        self.losses: dict[int, float] = {}
+        self.losses: list[float] = []
         self.number, self.rows = -1, np.empty(0, np.int64)
+        self.x = self.y = None
         self.forward_rows = self.gradient_rows = 0
 
     def begin(self, params: np.ndarray, number: int) -> None:
-        """A new evaluation: the published parameters, batch ``number``'s rows."""
+        """A new evaluation: the published parameters, batch ``number``'s rows, every
+        portion's loss sum (loss times rows, what a replica's ``done`` carries)."""
         from mpibelief.portions import batch_rows
 
         self.model.params[...] = params
-        self.losses.clear()
         if number != self.number:
             self.number = number
             self.rows = batch_rows(len(self.data.y_train), self.batch, self.seed, number)
+            self.x, self.y = self.data.x_train[self.rows], self.data.y_train[self.rows]
+        means = self.model.range_losses(self.x, self.y, self.bounds)
+        self.losses = [mean * (hi - lo) for mean, (lo, hi) in zip(means, self.bounds,
+                                                                  strict=True)]
+        self.forward_rows += len(self.y)
 
-    def _rows(self, portion: int) -> tuple[np.ndarray, np.ndarray]:
-        lo, hi = self.bounds[portion]
-        idx = self.rows[lo:hi]
-        return self.data.x_train[idx], self.data.y_train[idx]
-
-    def loss_sum(self, portion: int) -> float:
-        """The portion's loss times its rows (what a replica's ``done`` carries)."""
-        if portion not in self.losses:
-            x, y = self._rows(portion)
-            mean, _ = self.model.evaluate(x, y, batch=len(y))
-            self.losses[portion] = mean * len(y)
-            self.forward_rows += len(y)
-        return self.losses[portion]
-
-    def gradient_sum(self, portions: list[int]) -> np.ndarray:
-        """``sum(rows * grad)`` over ``portions``, portion by portion, in float32."""
-        total = np.zeros(self.model.n_params, np.float32)
-        for portion in portions:
-            x, y = self._rows(portion)
-            self.model.loss_and_grad(x, y)
-            total += np.float32(len(y)) * self.model.grads
-            self.gradient_rows += len(y)
-        return total
+    def gradient_sum(self) -> np.ndarray:
+        """The gradient over the batch times its rows: the sum of every portion's
+        ``rows * grad``."""
+        self.model.loss_and_grad(self.x, self.y)
+        self.gradient_rows += len(self.y)
+        return self.model.grads * np.float32(len(self.y))
 
 
 class SimShards:
@@ -239,13 +228,14 @@ class SimDispatcher(Dispatcher):
         self.complete = sim.env.event()
         self._begin(number, bounds)
         sim.env.run(until=self.complete)  # the replicas work, in simulated time
+        sim.add_sums(number)
         return self._end()
 
     def stop(self) -> None:
         """Nothing to stop: the replicas' processes end with the simulation."""
 
     def _deliver(self, r: int, message: tuple) -> None:
-        self.sim.env.process(self.sim.deliver(r, message))
+        self.sim.deliver(r, message)
 
     def _receive(self, r: int, message: tuple) -> None:
         super()._receive(r, message)
@@ -311,10 +301,9 @@ class SimSandblaster:
         for r, rank in enumerate(ranks):
             slow = (sb.slow_factor if r == sb.slow_replica else 1.0) * \
                 (cfg.faults.slow_factor if rank == cfg.faults.slow_rank else 1.0)
-            self.replicas.append(SimReplica(WorkerStats(rank), simpy.Store(self.env), slow))
+            self.replicas.append(SimReplica(WorkerStats(rank), self.env.event(), slow))
             self.env.process(self._replica(r))
-        self.cached = 0  # bytes of push sums kept
-        self.gradient_sums = self.recomputed = 0
+        self.summed: list[list[int]] = [[] for _ in range(S)]  # portions, per shard
 
     def step(self, k: int):
         """Batch ``k``: one L-BFGS step of the real driver; its ``BatchRecord``."""
@@ -330,24 +319,31 @@ class SimSandblaster:
         slow = self.faults.shard_slowdown
         return slow[s] if s < len(slow) else 1.0
 
-    def deliver(self, r: int, message: tuple):
-        """The coordinator's answer travels to replica ``r``."""
-        yield self.env.timeout(self.costs.transfer(len(pickle.dumps(message, -1))))
-        self.replicas[r].inbox.put(message)
+    def deliver(self, r: int, message: tuple) -> None:
+        """The coordinator's answer travels to replica ``r`` (a timeout and a callback:
+        a process per message would double the events of a 2000-replica run)."""
+        rep = self.replicas[r]
+        arrive = self.env.timeout(self.costs.transfer(len(pickle.dumps(message, -1))))
+        arrive.callbacks.append(lambda _: rep.mail.succeed(message))
 
     def _say(self, r: int, message: tuple):
-        """Replica ``r``'s message travels to the coordinator, which handles it on arrival."""
+        """Replica ``r``'s message travels to the coordinator, which handles it on
+        arrival; returns the answer once it has travelled back."""
+        rep = self.replicas[r]
+        rep.mail = self.env.event()
         yield self.env.timeout(self.costs.transfer(len(pickle.dumps(message, -1))))
         self.dispatcher._receive(r, message)
+        tick = self.env.now
+        answer = yield rep.mail
+        rep.stats.wait_seconds += self.env.now - tick
+        return answer
 
     def _replica(self, r: int):
         """Replica ``r``: PortionWorker's request and reply loop, in simulated time."""
-        rep, env = self.replicas[r], self.env
-        yield from self._say(r, ("ready",))
+        rep = self.replicas[r]
+        answer = ("ready",)
         while True:
-            tick = env.now
-            kind, *args = yield rep.inbox.get()
-            rep.stats.wait_seconds += env.now - tick
+            kind, *args = yield from self._say(r, answer)
             if kind == "stop":
                 return
             if kind == "task":
@@ -366,7 +362,6 @@ class SimSandblaster:
             else:  # "drop": a copy of a portion in the sum lost the race
                 rep.pending = []
                 answer = ("ready",)
-            yield from self._say(r, answer)
 
     def _pull(self, rep: SimReplica):
         seconds = sum(self.costs.transfer(4 * s.current.size) for s in self.states)
@@ -387,13 +382,10 @@ class SimSandblaster:
         yield self.env.timeout(seconds)
 
     def _loss(self, evaluation: int, portion: int) -> float:
-        """The finished portion's loss sum; NaN where the coordinator will surely drop
-        the copy unread (its evaluation is over, or the portion is committed already:
-        commitments are final), so a lost copy is never computed."""
-        d = self.dispatcher
-        if d.book is None or evaluation != d.evaluation or portion in d.book.committed:
-            return math.nan
-        return self.math.loss_sum(portion)
+        """The finished portion's loss sum; NaN for a copy of an evaluation already over
+        (the coordinator drops it unread)."""
+        return self.math.losses[portion] if evaluation == self.dispatcher.evaluation \
+            else math.nan
 
     def _push(self, r: int):
         """Put the sum to every shard, let each sum it in its turn, wait for all."""
@@ -401,21 +393,20 @@ class SimSandblaster:
         portions, rep.pending = rep.pending, []
         committed, _ = self.dispatcher.book.inflight[r]
         assert committed == portions, (committed, portions)  # the book's view is ours
-        sizes = [hi - lo for lo, hi in (self.driver.bounds[p] for p in portions)]
-        push = Push(portions, sum(sizes), len(self.states))
+        samples = sum(hi - lo for lo, hi in (self.driver.bounds[p] for p in portions))
         tick = env.now
         for state in self.states:
             yield env.timeout(self.costs.transfer(4 * state.current.size))
-        summed = [env.process(self._sum(s, push, r + 1)) for s in range(len(self.states))]
+        summed = [env.process(self._sum(s, portions, samples, r + 1))
+                  for s in range(len(self.states))]
         yield simpy.AllOf(env, summed)
         rep.stats.comm_seconds += env.now - tick
         rep.stats.pushes += 1
         rep.stats.bytes_pushed += 4 * self.model.n_params
 
-    def _sum(self, s: int, push: Push, client: int):
-        """Shard ``s`` sums one push into its accumulator, in its turn."""
-        from mpibelief.ps.state import GRADIENT
-
+    def _sum(self, s: int, portions: list[int], samples: int, client: int):
+        """Shard ``s`` sums one push, in its turn: counted now, its data added with the
+        evaluation's others (:meth:`add_sums`)."""
         state, times = self.states[s], self.times[s]
         with self.queues[s].request() as turn:
             times.max_queue = max(times.max_queue, len(self.queues[s].queue) + 1)
@@ -423,25 +414,27 @@ class SimSandblaster:
             seconds = state.current.size * self.costs.apply_per_param * self.slowdown(s)
             yield self.env.timeout(seconds)
             times.busy_seconds += seconds
-            part = self.server.parts[client][s]
-            state.consume(GRADIENT, self._piece(push, part), part.offset, -1, client,
-                          push.samples)
+            state.stats.bytes_in += 4 * state.current.size
+            state.count_summed(client, samples)
+            self.summed[s].extend(portions)
 
-    def _piece(self, push: Push, part) -> np.ndarray:
-        """Shard ``part.rank``'s piece of the push's gradient sum (computed on first need)."""
-        vector = push.vector
-        if vector is None:
-            vector = self.math.gradient_sum(push.portions)
-            self.gradient_sums += 1
-            self.recomputed += int(push.left < len(self.states))
-            if push.left > 1 and self.cached + vector.nbytes <= CACHE_BYTES:
-                push.vector = vector
-                self.cached += vector.nbytes
-        push.left -= 1
-        if push.left == 0 and push.vector is not None:
-            self.cached -= push.vector.nbytes
-            push.vector = None
-        return vector[part.local]
+    def add_sums(self, number: int) -> None:
+        """The evaluation is complete: every shard adds the data of the pushes it summed,
+        the batch's gradient (after checking they cover every portion exactly once)."""
+        from mpibelief.optim import all_finite
+
+        everything = list(range(len(self.driver.bounds)))
+        for s, portions in enumerate(self.summed):
+            if sorted(portions) != everything:
+                raise RuntimeError(f"batch {number}: shard {s} summed portions"
+                                   f" {sorted(portions)}, not each of {len(everything)} once")
+        total = self.math.gradient_sum()
+        if not all_finite(total):
+            raise UserError(f"training diverged: the gradient over batch {number} is not"
+                            " finite")
+        for state, piece in zip(self.states, self.server.slices, strict=True):
+            state.vector(state.accumulate)[...] += total[piece]
+        self.summed = [[] for _ in self.states]
 
     def finish(self) -> None:
         """Close the books: shard and replica times over the whole simulated run."""
@@ -514,9 +507,8 @@ def simulate(cfg, out: Path, calibration: Path, faults: Faults | None = None,
         _tables(writer, sim, records, lay)
         writer.set_attrs({"real_seconds": time.perf_counter() - started,
                           "simulated_seconds": sim.env.now,
-                          "portion_forward_rows": sim.math.forward_rows,
-                          "gradient_rows": sim.math.gradient_rows,
-                          "gradient_sums_recomputed": sim.recomputed})
+                          "forward_rows": sim.math.forward_rows,
+                          "gradient_rows": sim.math.gradient_rows})
     return row
 
 
