@@ -1,4 +1,8 @@
-"""``mpibelief simulate CONFIG``: a Downpour run on the simulated cluster, as a result file.
+"""``mpibelief simulate CONFIG``: a run on a simulated cluster, as a result file.
+
+:data:`SIMULATORS` picks the simulator by ``run.algorithm``: Downpour is here (on
+:mod:`.cluster`); synchronous SGD, Strom-compressed or not, and SGD [1] are in
+:mod:`.sync`.  The rest of this docstring is Downpour's.
 
 The run is the config's (``layout.shards`` shards, ``layout.replicas`` replicas, the
 same data, model, seeds, ``train`` and ``downpour`` tables as ``mpibelief train``), the
@@ -18,6 +22,7 @@ import numpy as np
 
 from mpibelief.errors import ConfigError
 from mpibelief.simulate import calibrate
+from mpibelief.simulate import sync as sync_sim
 from mpibelief.simulate.cluster import Cluster, Costs, Faults, SimStore
 
 
@@ -37,9 +42,28 @@ class SimClock:
 
 
 def check(cfg) -> None:
-    """What the simulator runs today: Downpour, P = 1, dense pushes, explicit R and S."""
-    if cfg.run.algorithm != "downpour":
-        raise ConfigError(f"simulate runs run.algorithm = 'downpour', not {cfg.run.algorithm!r}")
+    """The config's simulator accepts it (one-line ConfigError otherwise)."""
+    _simulator(cfg)[0](cfg)
+
+
+def simulate(cfg, out: Path, calibration: Path, faults: Faults | None = None,
+             overwrite: bool = False, start=None) -> dict:
+    """Run the config on its simulator; write ``out``; return the last ``/metrics`` row.
+    ``start``: float32 parameters to begin from (a warmstart), where the simulator takes
+    one."""
+    extra = {} if start is None else {"start": start}
+    return _simulator(cfg)[1](cfg, out, calibration, faults, overwrite, **extra)
+
+
+def _simulator(cfg):
+    if cfg.run.algorithm not in SIMULATORS:
+        raise ConfigError(f"simulate runs run.algorithm = {' or '.join(map(repr, SIMULATORS))},"
+                          f" not {cfg.run.algorithm!r}")
+    return SIMULATORS[cfg.run.algorithm]
+
+
+def check_downpour(cfg) -> None:
+    """What the Downpour simulator runs: P = 1, dense pushes, explicit R and S."""
     lay = cfg.layout
     if lay.replicas < 1 or lay.shards < 1 or lay.partitions != 1:
         raise ConfigError("simulate needs layout.replicas >= 1, layout.shards >= 1 and"
@@ -79,8 +103,8 @@ def build(cfg, data, costs: Costs, faults: Faults):
     return model, server, cluster
 
 
-def simulate(cfg, out: Path, calibration: Path, faults: Faults | None = None,
-             overwrite: bool = False) -> dict:
+def simulate_downpour(cfg, out: Path, calibration: Path, faults: Faults | None = None,
+                      overwrite: bool = False) -> dict:
     """Run the config on the simulated cluster; write ``out``; return the last row."""
     from mpibelief.algorithms.downpour import method
     from mpibelief.coordinator import Evaluator
@@ -89,7 +113,7 @@ def simulate(cfg, out: Path, calibration: Path, faults: Faults | None = None,
     from mpibelief.progress import Progress
     from mpibelief.results import ResultWriter
 
-    check(cfg)
+    check_downpour(cfg)
     faults = faults or Faults()
     costs = calibrate.read(calibration)
     data = load_dataset(cfg.data)
@@ -157,3 +181,10 @@ def _tables(writer, lay, server, cluster) -> None:
         **server_table(lay, shard_stats, np.array(cluster.busy_fractions())),
         "max_queue": [t.max_queue for t in cluster.times],
     })
+
+
+SIMULATORS = {  # run.algorithm -> (check, simulate)
+    "downpour": (check_downpour, simulate_downpour),
+    "sync": (sync_sim.check, sync_sim.simulate),
+    "sgd": (sync_sim.check, sync_sim.simulate),
+}
