@@ -12,11 +12,12 @@ each cost timed on the code that does it:
   ``n`` entries plus one add per packet word, fitted to a decode of one packet and of
   16 (two points, least squares is no better).
 
-Measured here (n = 514098, the FSDD model; one core, load ~4): reduce 0.6 ns, encode
-3.6 ns per entry (1.9 ms a step, as much as a 10-sample gradient), decode 0.4 ns per
-entry plus 2 ns per word.  Without these a compressed step would look free of the
-codec's five passes over the vector, and Strom's method would be flattered exactly
-where it is cheapest (small models, fast networks).
+Measured here (n = 514098, the FSDD model, 1% kept; medians of 9): at load ~4,
+reduce 0.12-0.17 ns, encode 3.0 ns per entry (1.5 ms a step, as much as a 15-sample
+gradient), decode 0.06 ns per entry plus 1.2 ns per word; at load 6-7 encode took
+5.9-7.4 ns per entry.  Without these a compressed step would look free of the codec's
+five passes over the vector, and Strom's method would be flattered exactly where it is
+cheapest (small models, fast networks).
 
 The costs are written into the calibration file (``work_*`` root attributes) by
 ``mpibelief simulate --calibrate``; a file made before they existed is completed by

@@ -20,6 +20,15 @@ virtual replicas hold the same parameters (that is what synchronous SGD guarante
 one :class:`~mpibelief.model.Model` serves them all, computing each replica's gradient
 in turn before the update.  Real cost per simulated step is about R gradients of the
 batch (plus R encodes, compressed); per epoch it is the same work whatever R is.
+Measured (``bench/sim_sync.py``, FSDD 440-512-512-50, batch 64, one thread, load 7 on
+2 cores; medians of 5 steps): 0.09, 0.59 and 2.1 s of real time per simulated step at
+R = 8, 64 and 200 dense, 0.11, 0.84 and 3.1 s compressed (9-15 ms per replica
+gradient throughout); an epoch is 9 steps at R = 200.  Memory: a residual and a
+histogram per compressed replica, 2.5 MB each here (0.5 GB at R = 200).
+
+Checked against the real run (``mpiexec -n 2 ... train configs/sync{,_strom}.toml``,
+0.3 epochs, 277 steps): the simulated run ends on the same test loss and accuracy to
+the last bit, dense and compressed, with the same taus and bytes in ``/ranks``.
 
 Timeline of one step (R = 3, compressed; dense has one allreduce and its additions
 instead of encode, allgather and decode)::
@@ -133,6 +142,8 @@ class SyncSim:
         self.compute = np.zeros(self.R)  # per replica: its compute and update seconds
         self.received = np.zeros(self.R, np.int64)  # bytes, as the real StromExchange counts
         self.steps = 0
+        self.sizes: np.ndarray | None = None  # the last step's packets, bytes each
+        self.last: dict[str, float] = {}
 
     def draw_compute(self, step: int) -> np.ndarray:
         """Each replica's compute seconds this step (spread and straggler draws)."""
@@ -165,15 +176,16 @@ class SyncSim:
                 packets.append(self.codecs[r].compress(self.model.grads, epoch)[0])
         return packets
 
-    def exchange(self, packets: list | None) -> float:
-        """``update`` = the average every replica applies; returns the exchange's seconds."""
+    def exchange(self, packets: list | None) -> tuple[float, float]:
+        """``update`` = the average every replica applies; returns the exchange's
+        ``(network seconds, arithmetic seconds)``."""
         from mpibelief.compression import decode_packets
 
-        c, n, R = self.costs, self.n, self.R
+        n, R = self.n, self.R
         if packets is None:
             self.update *= self.scale
-            return (collectives.allreduce_seconds(4 * n, R, c.latency, c.bandwidth)
-                    + self.work.reduce(n, R))
+            self.sizes = None
+            return self.network_seconds(), self.work.reduce(n, R)
         counts = np.array([p.size for p in packets], np.int32)
         displs = np.zeros(R, np.int32)
         displs[1:] = np.cumsum(counts[:-1])
@@ -181,19 +193,33 @@ class SyncSim:
         self.update *= self.scale
         words = int(counts.sum())
         self.received += 4 * words + 4 * R
-        return (self.work.encode(n) + self.work.decode(n, words)
-                + collectives.packet_exchange_seconds(4 * counts, c.latency, c.bandwidth))
+        self.sizes = 4 * counts
+        return self.network_seconds(), self.work.encode(n) + self.work.decode(n, words)
+
+    def network_seconds(self, latency: float | None = None,
+                        bandwidth: float | None = None) -> float:
+        """The last step's exchange on the wire (on another network, if given): the
+        dense allreduce, or the real packets' allgather."""
+        latency = self.costs.latency if latency is None else latency
+        bandwidth = self.costs.bandwidth if bandwidth is None else bandwidth
+        if self.sizes is None:
+            return collectives.allreduce_seconds(4 * self.n, self.R, latency, bandwidth)
+        return collectives.packet_exchange_seconds(self.sizes, latency, bandwidth)
 
     def step(self, step: int) -> tuple[float, float]:
-        """One synchronous step; ``(rank 0's compute seconds, the step's seconds)``."""
+        """One synchronous step; ``(rank 0's compute seconds, the step's seconds)``.
+        ``last`` holds the step's parts: compute (the slowest replica's), network,
+        arithmetic (the exchange's), apply."""
         from mpibelief.algorithms.sync import diverged
 
         compute = self.draw_compute(step)
-        exchange = self.exchange(self.gradients(step))
+        network, arithmetic = self.exchange(self.gradients(step))
         if not self.opt.apply(self.model.params, self.update, self.opt_state):
             raise diverged(step, "the averaged gradient")
         apply = self.n * self.costs.apply_per_param
-        seconds = float(compute.max()) + exchange + apply
+        self.last = {"compute": float(compute.max()), "network": network,
+                     "arithmetic": arithmetic, "apply": apply}
+        seconds = sum(self.last.values())
         self.compute += compute + apply
         self.clock.advance(seconds)
         self.steps = step
