@@ -97,6 +97,7 @@ def received(sim) -> float:
 def main(argv=None) -> None:
     from mpibelief import config
     from mpibelief.data import load_dataset
+    from mpibelief.errors import UserError
     from mpibelief.simulate import calibrate
     from mpibelief.simulate.network import preset
 
@@ -104,7 +105,10 @@ def main(argv=None) -> None:
     networks = [preset(name) for name in args.networks.split(",") if name]
     modes = {"dense": ["compression.enabled=false"], "strom": ["compression.enabled=true"]}
     chosen = [m for m in args.modes.split(",") if m]
-    costs = calibrate.read(Path(args.calibration))
+    try:
+        costs = calibrate.read(Path(args.calibration))
+    except UserError as exc:
+        sys.exit(f"bench/sim_sync.py: {exc}")
     base = config.load(args.config, ["run.algorithm='sync'", "layout.replicas=1"])
     data = load_dataset(base.data)
     load = os.getloadavg()[0]
