@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import h5py
 import numpy as np
+import pytest
 
 from tests.slurm.test_slurm import HOST, errors, finish, sbatch
 
@@ -66,21 +67,27 @@ def test_fig3_campaign_measures_each_p_fits_the_model_and_draws(slurm, tmp_path)
     assert f"wrote {png}" in log
 
 
-def test_fig3_campaign_refuses_before_launching(slurm, tmp_path):
-    """More partitions than tasks, and a result file that exists: one line, no step."""
-    too_many = sbatch(slurm, tmp_path, "--ntasks=2", *SHORT, "slurm/fig3.sbatch", *QUICK,
-                      "--partitions", "1,2,4", "--out", tmp_path / "many.h5")
-    taken = tmp_path / "taken.h5"
-    taken.write_bytes(b"someone's result")
-    exists = sbatch(slurm, tmp_path, "--ntasks=1", *SHORT, "slurm/fig3.sbatch", *QUICK,
-                    f"--out={taken}")
-    states, log = finish(slurm, too_many, tmp_path, timeout=60)
+TAKEN = "someone's result"
+
+
+@pytest.mark.parametrize(("script", "ntasks", "args", "error"), [
+    ("fig3", 2, [*QUICK, "--partitions", "1,2,4", "--out", "{new}"],
+     "--partitions 1,2,4 needs 4 tasks, the job has 2: submit with --ntasks=4"),
+    ("fig3", 1, [*QUICK, "--out={taken}"], "{taken} exists: pass --overwrite to replace it"),
+    ("fig4", 2, ["--quick", "--out", "{new}"], "the simulator is one process, the job has 2"
+                                               " tasks: submit with --ntasks=1 (more CPUs:"
+                                               " --cpus-per-task)"),
+    ("fig5", 1, ["--quick", "--out", "{taken}"], "{taken} exists: pass --overwrite to replace it"),
+], ids=["fig3-partitions", "fig3-exists", "fig4-tasks", "fig5-exists"])
+def test_a_campaign_refuses_before_any_work(slurm, tmp_path, script, ntasks, args, error):
+    """More partitions than tasks, tasks a simulator cannot use, a result file that
+    exists: one line, nothing launched, nothing written."""
+    taken, new = tmp_path / "taken.h5", tmp_path / "new.h5"
+    taken.write_text(TAKEN)
+    job = sbatch(slurm, tmp_path, f"--ntasks={ntasks}", *SHORT, f"slurm/{script}.sbatch",
+                 *[a.format(taken=taken, new=new) for a in args])
+    states, log = finish(slurm, job, tmp_path, timeout=60)
     assert states == ["FAILED"], log
-    assert errors(log) == ["mpibelief: error: --partitions 1,2,4 needs 4 tasks, the job"
-                           " has 2: submit with --ntasks=4"], log
-    assert not (tmp_path / "many.h5").exists()
-    states, log = finish(slurm, exists, tmp_path, timeout=60)
-    assert states == ["FAILED"], log
-    assert errors(log) == [f"mpibelief: error: {taken} exists: pass --overwrite to"
-                           " replace it"], log
-    assert taken.read_bytes() == b"someone's result"
+    assert errors(log) == [f"mpibelief: error: {error.format(taken=taken)}"], log
+    assert "cache warm" not in log and "round 1" not in log, log
+    assert taken.read_text() == TAKEN and not new.exists()
