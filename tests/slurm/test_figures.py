@@ -30,7 +30,7 @@ SHORT = ["--time=00:10:00"]
 @pytest.mark.parametrize(("launcher", "launch"), [
     ("srun", "(srun --mpi=pmi2 --cpus-per-task=1 --kill-on-bad-exit=1 -n P)"),
     ("mpiexec", "/mpiexec -n P)"),
-])
+], ids=["srun", "mpiexec"])
 def test_fig3_campaign_measures_each_p_fits_the_model_and_draws(slurm, tmp_path, launcher,
                                                                 launch):
     out = tmp_path / "fig3.h5"
