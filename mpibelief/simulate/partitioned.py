@@ -51,6 +51,10 @@ in whole-model order; only the clock sees ``P``.  A replica's push therefore rea
 each shard as one piece (a real one reaches it as one piece per partition that meets
 it: ``/server`` counts pushes and staleness per replica here).
 
+``python -m mpibelief.simulate.partitioned CONFIG [--set ...] [--calibration FILE]
+[--partitions 1,2,4,8] [--networks calibrated,1gbe]`` prints the split for the config's
+model and batch on each network (``calibrated``: the calibration file's).
+
 Sandblaster's simulator takes the same two things: ``costs, split = replica_costs(costs,
 model, rows, P)`` for the compute of a portion of ``rows`` samples, and
 :func:`transfer_seconds` over :func:`shard_pieces` for its pulls and pushes.
@@ -58,10 +62,11 @@ model, rows, P)`` for the compute of a portion of ``rows`` samples, and
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import os
+import sys
 from dataclasses import dataclass
-
-import numpy as np
 
 from mpibelief.simulate.network import Network
 
@@ -98,7 +103,7 @@ class Split:
                 "partition_model": "scaling model (mpibelief.simulate.partitioned)"}
 
 
-def split_of(tiles_1: tuple, tiles_p: tuple, bytes_p: np.ndarray, net: Network,
+def split_of(tiles_1: tuple, tiles_p: tuple, bytes_p, net: Network,
              batch: int, step_seconds: float) -> Split:
     """The scaling model's ``t(P) / t(1)`` with its compute matched to ``step_seconds``.
 
@@ -124,10 +129,16 @@ def split_of(tiles_1: tuple, tiles_p: tuple, bytes_p: np.ndarray, net: Network,
 _TIMERS: dict = {}  # model shape and batch -> LayerTimer: one process, one timing per tile
 
 
-def tiles(model, batch: int, partitions: int) -> tuple[np.ndarray, np.ndarray]:
+def tiles(model, batch: int, partitions: int) -> tuple:
     """``(forward, backward)`` tile seconds of ``model`` cut in ``partitions``, timed once
     per distinct tile per process (a campaign's runs of one model share the timings, so
-    their ratios differ only where ``P`` does)."""
+    their ratios differ only where ``P`` does).
+
+    Timed in this process's thread CPU time, so with one BLAS and Numba thread, as
+    ``mpibelief simulate`` runs by default (``run.threads = 1``, set before numpy loads):
+    with more, the other threads' work goes uncounted (measured here with 2 BLAS
+    threads, 440-512-512-50 at batch 128: 0.04 for P = 4 against 0.23-0.28 with one).
+    """
     from mpibelief.simulate.compute import LayerTimer
 
     key = (tuple((type(layer).__name__, layer.in_shape, layer.out_shape,
@@ -179,3 +190,44 @@ def transfer_seconds(costs, pieces: list[list[tuple[int, int]]], nbytes: int = 4
     pieces one shard after another, the partitions in parallel; the slowest one's time.
     ``nbytes`` per parameter (0: a refused push, messages only)."""
     return max(sum(costs.transfer(nbytes * size) for _, size in group) for group in pieces)
+
+
+def main(argv=None) -> int:
+    from mpibelief import config as configs
+    from mpibelief.data import load_dataset
+    from mpibelief.model import Model
+    from mpibelief.simulate import calibrate
+    from mpibelief.simulate.network import preset
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("config")
+    parser.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE")
+    parser.add_argument("--calibration", default="results/calibration.h5")
+    parser.add_argument("--partitions", default="1,2,4,8")
+    parser.add_argument("--networks", default="calibrated,1gbe",
+                        help="'calibrated' (the calibration file's) or network presets")
+    args = parser.parse_args(argv)
+    for var in ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        os.environ.setdefault(var, "1")  # before numpy loads: see tiles()
+    cfg = configs.load(args.config, args.set)
+    costs = calibrate.read(args.calibration)
+    data = load_dataset(cfg.data)
+    model = Model.from_config(cfg.model, data.n_inputs, data.n_classes, allocate=False)
+    batch = cfg.train.batch
+    print(f"{args.config}: {data.n_inputs}-...-{data.n_classes}, {model.n_params} parameters,"
+          f" batch {batch}; calibrated step {batch * costs.compute_per_sample * 1e3:.2f} ms")
+    print(f"{'network':>34} {'P':>3} {'t(P)/t(1)':>10} {'compute':>8} {'comm ms':>8}"
+          f" {'step ms':>8}")
+    for name in args.networks.split(","):
+        net = None if name == "calibrated" else preset(name)
+        for P in map(int, args.partitions.split(",")):
+            scaled, split = replica_costs(costs, model, batch, P, net)
+            used, step = split.network, batch * scaled.compute_per_sample
+            label = f"{used.name} ({used.latency * 1e6:.1f} us, {used.bandwidth / 1e9:.2f} GB/s)"
+            print(f"{label:>34} {P:3d} {split.ratio:10.3f} {split.compute_ratio:8.3f}"
+                  f" {split.comm_seconds * 1e3:8.2f} {step * 1e3:8.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -178,3 +178,17 @@ def test_sgd_over_partitions_and_the_sync_refusal(tmp_path, data):
     with pytest.raises(ConfigError, match="not built yet"):
         sync_check(configs.load(None, [*SETS[1:], "run.algorithm='sync'", "layout.shards=0",
                                        "layout.partitions=2"]))
+
+
+def test_the_command_prints_each_network_and_p(tmp_path, capsys):
+    calibration = tmp_path / "calibration.h5"
+    calibrate.write(calibration, COSTS, {"n_params": N})
+    sets = [x for s in SETS[1:] for x in ("--set", s)]
+    assert partitioned.main(["configs/sgd.toml", *sets, "--calibration", str(calibration),
+                             "--partitions", "1,2", "--networks", "calibrated,1gbe"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "421 parameters, batch 16; calibrated step 16.00 ms" in lines[0]
+    rows = [line.split() for line in lines[2:]]
+    assert [(r[0], r[-5]) for r in rows] == [("calibrated", "1"), ("calibrated", "2"),
+                                             ("1gbe", "1"), ("1gbe", "2")]
+    assert rows[0][-4] == rows[2][-4] == "1.000"  # P = 1: the calibrated step itself
