@@ -141,7 +141,9 @@ def test_downpour_with_two_partitions_learns_what_one_does(tmp_path, data):
             ranks = {k: f[f"ranks/{k}"][()] for k in ("rank", "bytes_pushed", "samples")}
     one, two = rows[1], rows[2]
     common, i1, i2 = np.intersect1d(one["samples"], two["samples"], return_indices=True)
-    assert len(common) > 20 and common[-1] == 1024  # rows at the same counts, the end too
+    # Rows every 8 ms: after every step at P = 1 (17 ms); at P = 2 (measured ratio 0.6,
+    # 10 ms) after most, and after every other one even at a ratio of 0.3.
+    assert len(common) > 10 and common[-1] == 1024  # rows at the same counts, the end too
     for key in ("test_accuracy", "test_loss"):
         np.testing.assert_array_equal(one[key][i1], two[key][i2], err_msg=key)
     assert two["test_accuracy"][-1] > 0.3  # chance is 0.2: it trained
