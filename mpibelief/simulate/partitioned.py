@@ -28,7 +28,8 @@ What is assumed, and why:
   at all) and the compute part keeps the calibrated rate's contention, spread and
   kernel efficiency.  Applying the ratio at factor 1 instead (tiles as timed) would
   also scale the network seconds by however much slower the calibrated replica ran than
-  a tile alone (1-3x on this loaded machine), which is not a property of the network.
+  its tiles alone (2.6-2.8x for 440-512-512-50 at batch 128 here, calibrated at load
+  12: 16.0 ms a step against 5.7-6.2 ms of tiles), which is no property of the network.
 - The boundary exchange is not overlapped with compute, as in the scaling model
   (validated against measured Figure 3 runs within 25%, ``results/fig3_measured.h5``),
   so where the bytes are many the prediction errs slow.
