@@ -8,7 +8,8 @@ Two tools, each calibrated from measured runs and checked against them:
   (``mpibelief simulate``), :mod:`.validate` (simulated against real runs);
   :mod:`.sync` (synchronous SGD, Strom-compressed or not, and SGD [1]) with
   :mod:`.collectives` (MPICH's allreduce and allgather costs) and :mod:`.exchange_work`
-  (the exchange's arithmetic).
+  (the exchange's arithmetic); :mod:`.partitioned` (a replica of P partitions: its step
+  from the scaling model, its transfers per partition).
 - Model-parallel scaling (Figure 3): :mod:`.steptime` (one replica's forward plus
   backward timed under ``mpiexec -n P``), :mod:`.pingpong` (this machine's MPI latency
   and bandwidth), :mod:`.network` (a network description and the era presets),

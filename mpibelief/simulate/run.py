@@ -11,17 +11,20 @@ here: every ``train.eval_every`` *simulated* seconds the shards' parameters are
 evaluated into ``/metrics`` (``wall_seconds`` is simulated seconds), and at the end
 ``/ranks`` and ``/server`` (staleness histogram, busy fractions) are written.  The root
 attributes say ``simulated = True`` and name the calibration file the costs came from.
+Replicas of ``layout.partitions`` > 1: see :mod:`.partitioned` (``/ranks`` then has a
+row per partition, as a real run's, each with its replica's times and its own bytes).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
 import numpy as np
 
 from mpibelief.errors import ConfigError
-from mpibelief.simulate import calibrate
+from mpibelief.simulate import calibrate, partitioned
 from mpibelief.simulate import sync as sync_sim
 from mpibelief.simulate.cluster import Cluster, Costs, Faults, SimStore
 
@@ -63,24 +66,26 @@ def _simulator(cfg):
 
 
 def check_downpour(cfg) -> None:
-    """What the Downpour simulator runs: P = 1, dense pushes, explicit R and S."""
+    """What the Downpour simulator runs: dense pushes, explicit R and S."""
     lay = cfg.layout
-    if lay.replicas < 1 or lay.shards < 1 or lay.partitions != 1:
-        raise ConfigError("simulate needs layout.replicas >= 1, layout.shards >= 1 and"
-                          " layout.partitions = 1 (e.g. --set layout.replicas=4)")
+    if lay.replicas < 1 or lay.shards < 1:
+        raise ConfigError("simulate needs layout.replicas >= 1 and layout.shards >= 1"
+                          " (e.g. --set layout.replicas=4)")
     if cfg.compression.enabled:
         raise ConfigError("simulate does not model compressed pushes yet")
 
 
 def build(cfg, data, costs: Costs, faults: Faults):
-    """The coordinator's model, the shard states (loaded) and the cluster."""
+    """The coordinator's model, the shard states (loaded) and the cluster.  ``costs`` are
+    a replica's (for P partitions: :func:`.partitioned.replica_costs`); the stores move
+    each partition's range in parallel."""
     from mpibelief.algorithms.downpour import steps_per_replica
     from mpibelief.model import Model
     from mpibelief.optim import Optimizer
     from mpibelief.ps.memory import MemoryServer
     from mpibelief.worker import Replica
 
-    R, S = cfg.layout.replicas, cfg.layout.shards
+    R, S, P = cfg.layout.replicas, cfg.layout.shards, cfg.layout.partitions
     model = Model.from_config(cfg.model, data.n_inputs, data.n_classes)
     model.init(cfg.run.seed, cfg.model.init_scale)
     optimizer = Optimizer.from_config(cfg.train)
@@ -89,11 +94,12 @@ def build(cfg, data, costs: Costs, faults: Faults):
     server = MemoryServer(n, S, optimizer, ranges=[(0, n)] * (R + 1))
     server.client(0).load(model.params)
     clock, stores, replicas, steps = SimClock(), [], [], []
+    pieces = partitioned.shard_pieces(model, P, server.slices)
     for r in range(R):
-        stores.append(SimStore(server.client(r + 1)))
+        stores.append(SimStore(server.client(r + 1), pieces))
         shard = data.shard(r, R)
         own = Model.from_config(cfg.model, data.n_inputs, data.n_classes)
-        replicas.append(Replica(1 + S + r, own, stores[-1], shard, cfg.train, cfg.downpour,
+        replicas.append(Replica(1 + S + r * P, own, stores[-1], shard, cfg.train, cfg.downpour,
                                 seed=cfg.run.seed + 1 + r, clock=clock))
         warm = cfg.downpour.warmstart_steps if r == 0 else 0
         steps.append(steps_per_replica(cfg, len(shard.y_train)) + warm)
@@ -117,16 +123,17 @@ def simulate_downpour(cfg, out: Path, calibration: Path, faults: Faults | None =
     faults = faults or Faults()
     costs = calibrate.read(calibration)
     data = load_dataset(cfg.data)
-    model, server, cluster = build(cfg, data, costs, faults)
-    R, S = cfg.layout.replicas, cfg.layout.shards
-    lay = make_layout(1 + S + R, S, R, 1)
+    R, S, P = cfg.layout.replicas, cfg.layout.shards, cfg.layout.partitions
+    replica, split = partitioned.replica_costs(costs, _shape(cfg, data), cfg.train.batch, P)
+    model, server, cluster = build(cfg, data, replica, faults)
+    lay = make_layout(1 + S + R * P, S, R, P)
     name = method(cfg, R)
     attrs = {"config": cfg.to_toml(), "algorithm": "downpour", "method": name,
              "world_size": lay.world, "roles": lay.table(), "dataset": data.name,
              "n_classes": data.n_classes, "n_params": model.n_params, "replicas": R,
              "simulated": True, "calibration": str(calibration),
              **{f"cost_{k}": getattr(costs, k) for k in calibrate.FIELDS},
-             "faults": repr(faults)}
+             "faults": repr(faults), **split.attrs()}
     evaluate = Evaluator(data, cfg.train.eval_samples, cfg.run.seed)
     total = sum(cluster.steps) * cfg.train.batch
     with ResultWriter(out, attrs, overwrite) as writer:
@@ -138,6 +145,13 @@ def simulate_downpour(cfg, out: Path, calibration: Path, faults: Faults | None =
         writer.set_attrs({"real_seconds": time.perf_counter() - started,
                           "failed_replicas": sorted(cluster.failed)})
     return row
+
+
+def _shape(cfg, data):
+    """The config's model, unallocated: its layers' shapes for the scaling model."""
+    from mpibelief.model import Model
+
+    return Model.from_config(cfg.model, data.n_inputs, data.n_classes, allocate=False)
 
 
 def _loop(cfg, cluster, server, model, evaluate, writer, progress) -> dict:
@@ -171,11 +185,17 @@ def _tables(writer, lay, server, cluster) -> None:
     rows = [RankStats(lay.coordinator_rank)]
     rows += [RankStats(rank, 0, now, t.busy_seconds, 0.0, now - t.busy_seconds)
              for rank, t in zip(lay.shard_ranks(), cluster.times, strict=True)]
-    for rep, store in zip(cluster.replicas, cluster.stores, strict=True):
+    n = server.n_params
+    for r, (rep, store) in enumerate(zip(cluster.replicas, cluster.stores, strict=True)):
         rep.stats.wait_seconds = store.stats.wait_seconds
         rep.stats.bytes_pushed, rep.stats.bytes_pulled = (store.stats.bytes_pushed,
                                                           store.stats.bytes_pulled)
-        rows.append(rep.stats.rank_stats())
+        whole = rep.stats.rank_stats()
+        for rank, group in zip(lay.worker_ranks(r), store.pieces, strict=True):
+            share = sum(size for _, size in group)  # this partition's parameters
+            rows.append(dataclasses.replace(whole, rank=rank,
+                                            bytes_pushed=whole.bytes_pushed // n * share,
+                                            bytes_pulled=whole.bytes_pulled // n * share))
     writer.write_ranks(rows)
     writer.write_table("server", {
         **server_table(lay, shard_stats, np.array(cluster.busy_fractions())),

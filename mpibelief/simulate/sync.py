@@ -53,6 +53,11 @@ instead of encode, allgather and decode)::
   ``comm_seconds`` the rest of the step (waiting for the slowest, codec, transfer), as
   the real sync's rank records them.
 
+SGD [1] over ``layout.partitions`` > 1 (the paper's model-parallel baseline): the same
+loop, the whole model's gradient (the math of P = 1), its compute scaled by the
+scaling model's ``t(P) / t(1)`` (:mod:`.partitioned`); ``/ranks`` has a row per
+partition, as the real run's.  The real sync refuses P > 1, and so does this.
+
 Evaluation follows the real sync's rank 0: after the step whose compute ended past the
 next evaluation time (or the last step), taking no simulated time.  SGD [1]
 (``run.algorithm = "sgd"``) is the same loop with one replica and no exchange: the same
@@ -74,7 +79,7 @@ import numpy as np
 
 from mpibelief.clock import VirtualClock
 from mpibelief.errors import ConfigError, UserError
-from mpibelief.simulate import calibrate, collectives, exchange_work
+from mpibelief.simulate import calibrate, collectives, exchange_work, partitioned
 from mpibelief.simulate.cluster import Costs, Faults
 from mpibelief.simulate.exchange_work import LocalWork
 
@@ -88,10 +93,10 @@ def check(cfg) -> None:
     if cfg.run.algorithm not in ALGORITHMS:
         raise ConfigError(f"simulate.sync runs {' or '.join(ALGORITHMS)}, not"
                           f" {cfg.run.algorithm!r}")
-    resolve(cfg)
-    if cfg.layout.replicas < 1 or cfg.layout.partitions != 1:
-        raise ConfigError("simulate needs layout.replicas >= 1 and layout.partitions = 1"
-                          " (e.g. --set layout.replicas=64)")
+    resolve(cfg)  # the real sync refuses layout.partitions > 1, sgd takes it
+    if cfg.layout.replicas < 1:
+        raise ConfigError("simulate needs layout.replicas >= 1 (e.g. --set"
+                          " layout.replicas=64)")
 
 
 def method(cfg) -> str:
@@ -226,10 +231,10 @@ class SyncSim:
         return float(compute[0]), seconds
 
     def rank_stats(self) -> list:
-        """``/ranks`` as the real run writes it (rank r is replica r)."""
+        """``/ranks`` as the real run writes it (rank ``r * P + p``: replica r, partition p)."""
         from mpibelief.results import RankStats
 
-        now, steps, rows = self.clock.now(), self.steps, []
+        now, steps, rows, P = self.clock.now(), self.steps, [], self.cfg.layout.partitions
         for r in range(self.R):
             if self.cfg.run.algorithm == "sgd":
                 pushed = pulled = 0
@@ -238,8 +243,8 @@ class SyncSim:
             else:
                 pushed = pulled = steps * 4 * self.n
             compute = float(self.compute[r])
-            rows.append(RankStats(r, steps * self.batch, now, compute, now - compute, 0.0,
-                                  pushed, pulled))
+            rows += [RankStats(r * P + p, steps * self.batch, now, compute, now - compute,
+                               0.0, pushed, pulled) for p in range(P)]  # lock step
         return rows
 
 
@@ -267,9 +272,11 @@ def simulate(cfg, out: Path, calibration: Path, faults: Faults | None = None,
                             f" ({model.n_params},), got {start.dtype} {start.shape}")
         model.params[:] = start
     work, work_source = exchange_work.for_run(calibration, model.n_params, cfg.compression)
-    sim = SyncSim(cfg, data, model, costs, work, faults)
+    P = cfg.layout.partitions
+    replica, split = partitioned.replica_costs(costs, model, cfg.train.batch, P)
+    sim = SyncSim(cfg, data, model, replica, work, faults)
     R, name = sim.R, method(cfg)
-    lay = make_layout(R, 0, R, 1)
+    lay = make_layout(R * P, 0, R, P)
     attrs = {"config": cfg.to_toml(), "algorithm": cfg.run.algorithm, "method": name,
              "world_size": lay.world, "roles": lay.table(), "dataset": data.name,
              "n_classes": data.n_classes, "n_params": model.n_params, "replicas": R,
@@ -278,7 +285,7 @@ def simulate(cfg, out: Path, calibration: Path, faults: Faults | None = None,
              **work.attrs(), "work_source": work_source, "faults": repr(sim.faults),
              "exchange_model": "MPICH Iallreduce (Rabenseifner) / Iallgather(v) by size;"
                                " see mpibelief.simulate.collectives",
-             "warmstart": start is not None}
+             "warmstart": start is not None, **split.attrs()}
     evaluate = Evaluator(data, cfg.train.eval_samples, cfg.run.seed)
     with ResultWriter(out, attrs, overwrite) as writer:
         progress = Progress(sim.total_steps * cfg.train.batch * R, f"{name} (simulated)")
