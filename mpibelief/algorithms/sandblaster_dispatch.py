@@ -33,15 +33,17 @@ from mpibelief.portions import DROP, PUSH, PortionBook
 
 
 class Dispatcher:
-    """Hands portions to the replicas' ranks ``ranks`` (one per replica) over ``comm``.
+    """Hands portions to the replicas' ranks ``ranks`` (one per replica: its only rank,
+    or its partition 0, which relays to the others) over ``comm``.
 
     Args:
         push_every, backups, max_copies: passed to each evaluation's
             :class:`PortionBook`.
         clock: the run's clock; timeout: seconds of silence, holding work, before a
             replica is given up on (0: never).
-        exclude: ``exclude(replica) -> [samples per shard]``: the shards refuse that
-            replica's pushes from now on.
+        exclude: ``exclude(replica) -> [samples]``: the shards refuse that replica's
+            pushes (every partition's) from now on; returns what each had summed, one
+            count per shard and partition whose range meets it.
         on_fail: ``on_fail(rank, reason)``: record a replica given up on.
     """
 
@@ -179,7 +181,8 @@ class Dispatcher:
         self._wake()  # its portions are open: idle replicas take them
 
     def _landed(self, book: PortionBook, r: int, summed: list[int]) -> bool:
-        """Whether the push ``r`` was making reached every shard (or none)."""
+        """Whether the push ``r`` was making reached every shard (or none), from every
+        partition."""
         before, pushing = book.confirmed[r], book.inflight_samples(r)
         if all(s == before + pushing for s in summed):
             return True
