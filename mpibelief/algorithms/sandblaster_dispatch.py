@@ -40,15 +40,17 @@ from mpibelief.portions import DROP, PUSH, PortionBook
 
 
 class Dispatcher:
-    """Hands portions to the replicas' ranks ``ranks`` (one per replica) over ``comm``.
+    """Hands portions to the replicas' ranks ``ranks`` (one per replica: its only rank,
+    or its partition 0, which relays to the others) over ``comm``.
 
     Args:
         push_every, backups, max_copies: passed to each evaluation's
             :class:`PortionBook`.
         clock: the run's clock; timeout: seconds of silence, holding work, before a
             replica is given up on (0: never).
-        exclude: ``exclude(replica) -> [samples per shard]``: the shards refuse that
-            replica's pushes from now on.
+        exclude: ``exclude(replica) -> [samples]``: the shards refuse that replica's
+            pushes (every partition's) from now on; returns what each had summed, one
+            count per shard and partition whose range meets it.
         on_fail: ``on_fail(rank, reason)``: record a replica given up on.
     """
 
@@ -69,6 +71,10 @@ class Dispatcher:
         self.task: tuple = ()  # (batch number, portion bounds) of the evaluation
         self.bytes_in = self.bytes_out = 0
         self.late = 0  # answers to finished evaluations (lost copies still running)
+        # Seconds per portion of each replica (task sent to done read, halved toward
+        # each new one), for the book's tail: a straggler pushes what it has sooner.
+        self.pace: list[float | None] = [None] * len(self.ranks)
+        self.given: dict[int, float] = {}  # replica -> clock time its task was sent
 
     def evaluate(self, number: int, bounds: list[tuple[int, int]]) -> PortionBook:
         """Have the replicas sum the gradient of batch ``number`` (cut at ``bounds``)
@@ -90,7 +96,7 @@ class Dispatcher:
         self.task = (number, bounds)
         book = self.book = PortionBook([hi - lo for lo, hi in bounds], len(self.ranks),
                                        self.push_every, self.backups, self.max_copies,
-                                       self.failed)
+                                       self.failed, self.pace)
         self._wake()
         return book
 
@@ -129,6 +135,9 @@ class Dispatcher:
         kind, *args = message
         book = self.book
         self.holding.pop(r, None)
+        if kind == "done" and r in self.given:
+            took = self.clock.now() - self.given.pop(r)
+            self.pace[r] = took if self.pace[r] is None else 0.5 * (self.pace[r] + took)
         if r in self.failed:  # given up on: out of the run, whatever it says
             self.late += 1
             self.stopped.add(r)
@@ -170,6 +179,8 @@ class Dispatcher:
         self.bytes_out += len(pickle.dumps(message, -1))
         if message[0] in ("task", "push") and self.clock is not None:
             self.holding[r] = self.clock.now()
+            if message[0] == "task":
+                self.given[r] = self.holding[r]
         self._deliver(r, message)
 
     def _deliver(self, r: int, message: tuple) -> None:
@@ -201,7 +212,8 @@ class Dispatcher:
         self._wake()  # its portions are open: idle replicas take them
 
     def _landed(self, book: PortionBook, r: int, summed: list[int]) -> bool:
-        """Whether the push ``r`` was making reached every shard (or none)."""
+        """Whether the push ``r`` was making reached every shard (or none), from every
+        partition."""
         before, pushing = book.confirmed[r], book.inflight_samples(r)
         if all(s == before + pushing for s in summed):
             return True

@@ -20,9 +20,11 @@ Timeline of one Downpour step of replica r (``n_fetch = n_push = 1``)::
 
 - fetch: the real pull reads the shards' current versions when the phase starts; it
   then lasts ``latency + bytes / bandwidth`` per shard (the client Gets the shards
-  one after another, as ``ParameterClient.pull`` does).
+  one after another, as ``ParameterClient.pull`` does).  A replica of P partitions:
+  each partition its own range, the partitions in parallel (:mod:`.partitioned`).
 - compute: the real forward and backward runs when the phase starts; it lasts
-  ``batch * compute_per_sample`` (times a straggler's slowdown, if drawn).
+  ``batch * compute_per_sample`` (times a straggler's slowdown, if drawn; for P
+  partitions the caller scales the cost, :func:`.partitioned.replica_costs`).
 - push: per shard, the replica waits until its inbox slot there is free (the MPI
   server has one slot per client per shard: ``depth = 1``) and puts its piece
   (``latency + bytes / bandwidth``); then it publishes all pieces at once (as the real
@@ -44,7 +46,8 @@ small and maintained (4.x); it is the only dependency the simulator adds.
 
 What is not modelled (each would need a measurement to calibrate it first): contention
 on network links (transfers are independent), the coordinator's own costs (evaluation
-takes no simulated time), and model parallelism within a replica (P = 1).
+takes no simulated time).  A replica of P partitions computes the whole model's gradient
+(the same math); only its step time and parallel transfers see P (:mod:`.partitioned`).
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ import simpy
 from mpibelief.optim import all_finite
 from mpibelief.ps.memory import MemoryServer
 from mpibelief.ps.state import GRADIENT, REFUSED
+from mpibelief.simulate.partitioned import transfer_seconds
 
 
 @dataclass(frozen=True)
@@ -127,12 +131,14 @@ class SimStore:
 
     It wraps a :class:`~mpibelief.ps.memory.MemoryClient` (same parts, same counters),
     but a push is only recorded here; the cluster puts it on the simulated network and
-    the shards apply it when their turn comes.
+    the shards apply it when their turn comes.  ``pieces``: per partition, ``[(shard,
+    parameters)]`` it moves (:func:`.partitioned.shard_pieces`; default one partition).
     """
 
-    def __init__(self, client):
+    def __init__(self, client, pieces: list | None = None):
         self.client = client
         self.parts, self.stats, self.n_params = client.parts, client.stats, client.n_params
+        self.pieces = pieces or [[(p.rank, p.local.stop - p.local.start) for p in self.parts]]
         self.pending: Pending | None = None
 
     def pull(self, out: np.ndarray) -> np.ndarray:
@@ -236,8 +242,7 @@ class Cluster:
     def _phase(self, r: int, name: str):
         rep, c = self.replicas[r], self.costs
         if name == "fetch":
-            seconds = sum(c.transfer(4 * (p.local.stop - p.local.start))
-                          for p in self.stores[r].parts)
+            seconds = transfer_seconds(c, self.stores[r].pieces)
             rep.stats.comm_seconds += seconds
             yield self.env.timeout(seconds)
         elif name == "compute":
@@ -263,24 +268,32 @@ class Cluster:
 
         As ``ParameterClient.push``: wait for this client's slot on each shard, Put the
         pieces one after another, flush, and only then publish every slot word, so the
-        shards all see the push at the same moment, at its end.
+        shards all see the push at the same moment, at its end.  A replica of several
+        partitions puts each partition's pieces at once, and publishes after the slowest.
         """
-        parts = self.stores[r].parts
-        for part in parts:
-            slot = self.slots[r][part.rank]
-            if slot is not None and not slot.triggered:
-                tick = self.env.now
-                yield slot
-                self.stores[r].stats.wait_seconds += self.env.now - tick
-            size = part.local.stop - part.local.start
-            yield self.env.timeout(self.costs.transfer(4 * size if pending.grad is not None
-                                                       else 0))
+        parts, pieces = self.stores[r].parts, self.stores[r].pieces
+        nbytes = 4 if pending.grad is not None else 0
+        if len(pieces) == 1:
+            yield from self._put_pieces(r, pieces[0], nbytes)
+        else:
+            yield simpy.AllOf(self.env, [self.env.process(self._put_pieces(r, group, nbytes))
+                                         for group in pieces])
         for s, part in enumerate(parts):
             version = -1 if pending.versions is None else int(pending.versions[s])
             piece = None if pending.grad is None else pending.grad[part.local]
             applied = self.env.event()
             self.slots[r][part.rank] = applied
             self.env.process(self._apply(part, piece, version, r + 1, pending.samples, applied))
+
+    def _put_pieces(self, r: int, group: list, nbytes: int):
+        """One partition's Puts: per shard, wait for the replica's slot, then put."""
+        for shard, size in group:
+            slot = self.slots[r][shard]
+            if slot is not None and not slot.triggered:
+                tick = self.env.now
+                yield slot
+                self.stores[r].stats.wait_seconds += self.env.now - tick
+            yield self.env.timeout(self.costs.transfer(nbytes * size))
 
     def _apply(self, part, piece, version: int, client: int, samples: int, applied):
         """One push at shard ``part.rank``: queue, apply for its cost, then publish."""
