@@ -222,7 +222,8 @@ class Model:
                      bounds: list[tuple[int, int]]) -> list[float]:
         """The mean loss of each row range ``(lo, hi)`` of a batch, from one forward pass:
         what ``loss_and_grad`` on those rows alone returns, without the gradients (the
-        simulated Sandblaster's portions, :mod:`mpibelief.simulate.sandblaster`)."""
+        simulated Sandblaster's portions, :mod:`mpibelief.simulate.sandblaster_cluster`).
+        """
         _, dacts, probs = self._bufs(len(x))
         logits = self.forward(x)
         dlogits = dacts[-1].reshape(logits.shape)

@@ -24,8 +24,8 @@ The transport is four methods: :meth:`~Dispatcher.evaluate` and
 :meth:`~Dispatcher.stop` (the waiting loops), ``_serve_one`` (a message in) and
 ``_deliver`` (one out); every decision is made in the others, through ``_begin``,
 ``_receive`` and ``_end``.  The virtual-time simulator
-(:mod:`mpibelief.simulate.sandblaster`) replaces those four and nothing else, so a
-simulated run hands portions out by this very code.
+(:mod:`mpibelief.simulate.sandblaster_cluster`) replaces those four and nothing else,
+so a simulated run hands portions out by this very code.
 """
 
 from __future__ import annotations

@@ -231,7 +231,8 @@ class ShardState:
     def count_summed(self, client: int, samples: int) -> None:
         """Count a push summed into the accumulator: applied, and the samples it covers
         (the virtual-time simulator counts each push here when it arrives and adds the
-        data of an evaluation's pushes at once, see :mod:`mpibelief.simulate.sandblaster`)."""
+        data of an evaluation's pushes at once, see
+        :mod:`mpibelief.simulate.sandblaster_cluster`)."""
         self.stats.applied += 1
         self.samples[client] += samples
         self.accum_samples[client] += samples
