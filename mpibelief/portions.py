@@ -99,6 +99,9 @@ class PortionBook:
         self.fresh = deque(range(len(sizes)))
         self.holders: dict[int, set[int]] = {p: set() for p in range(len(sizes))}
         self.committed: dict[int, int] = {}  # portion -> replica that pushes it
+        # The holders of the portions not committed: what a copy is chosen from (a scan
+        # of every portion per request made 2000 replicas' evaluations quadratic).
+        self.uncommitted: dict[int, set[int]] = dict(self.holders)
         self.pending: list[list[int]] = [[] for _ in range(replicas)]
         self.losses: list[float] = [0.0] * replicas  # loss sums of pending portions
         self.pushing: set[int] = set()
@@ -140,8 +143,8 @@ class PortionBook:
         return p
 
     def _copy_for(self, r: int) -> int | None:
-        candidates = [p for p, who in self.holders.items()
-                      if p not in self.committed and r not in who
+        candidates = [p for p, who in self.uncommitted.items()
+                      if r not in who
                       and (not who or (self.backups and len(who) < self.max_copies))]
         return min(candidates, key=lambda p: (len(self.holders[p]), p), default=None)
 
@@ -160,6 +163,7 @@ class PortionBook:
             return CONTINUE
         for q in self.pending[r]:
             self.committed[q] = r
+            del self.uncommitted[q]
         self.stats.done_by[r] += len(self.pending[r])
         self.loss_sum += self.losses[r]
         self.inflight[r] = (self.pending[r], self.losses[r])
@@ -170,6 +174,8 @@ class PortionBook:
     def tail(self, r: int) -> bool:
         """Whether the fresh portions would run out before replica ``r`` finishes
         another: then it pushes what it has, rather than risk it being done again."""
+        if not self.fresh and (self.pace is not None or len(self.failed) < self.replicas):
+            return True  # what the rules below say with nothing fresh, without O(R) work
         live = [o for o in range(self.replicas) if o not in self.failed]
         pace = self.pace
         if pace is None or any(pace[o] is None or pace[o] <= 0 for o in live):
@@ -200,6 +206,7 @@ class PortionBook:
             return
         for q in portions:
             del self.committed[q]
+            self.uncommitted[q] = self.holders[q]
         self.loss_sum -= loss
         self.stats.done_by[r] -= len(portions)
 
