@@ -8,6 +8,8 @@ hand.  The math is checked against oracles built from the model and optimiser al
 
 from __future__ import annotations
 
+import dataclasses
+
 import h5py
 import numpy as np
 import pytest
@@ -232,5 +234,7 @@ def test_checks_are_one_line_config_errors(data):
         check(configs.load(None, [*SETS, "layout.shards=1"]))
     with pytest.raises(ConfigError, match="not modelled"):
         sim_of(data, cfg_of(2), faults=Faults(fail_at=((1, 0.1),)))
+    plugin = configs.load(None, list(SETS))  # an algorithm registered by a plugin
+    plugin = dataclasses.replace(plugin, run=dataclasses.replace(plugin.run, algorithm="noop"))
     with pytest.raises(ConfigError, match="simulate runs"):
-        check(configs.load(None, [*SETS[1:], "run.algorithm='sandblaster'"]))
+        check(plugin)
