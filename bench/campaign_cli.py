@@ -22,7 +22,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/fig45.toml"
 CALIBRATION = "results/fig45_calibration.h5"
-QUICK = {"epochs": 0.05, "warmstart_steps": 20, "tune_epochs": 0.0, "evals": 2}
+QUICK = {"epochs": 0.05, "warmstart_steps": 20, "tune_fraction": 0.0, "evals": 2}
+HORIZON_OVER_WARMSTART = 12.0  # the paper's runs end at ~120 h, its warmstart at ~10 h
 
 
 def guarded(main, name: str) -> int:
@@ -49,17 +50,24 @@ def common_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--methods", default="",
                         help="comma-separated row keys or name fragments to run (default all)")
     parser.add_argument("--list", action="store_true", help="print the rows and exit")
-    parser.add_argument("--epochs", type=float, default=4.0,
-                        help="passes over the data per row (default 4)")
     parser.add_argument("--horizon", type=float, default=0.0,
-                        help="simulated seconds a row may run at most (0: --epochs only)")
+                        help="simulated seconds (campaign clock, warmstart included) every"
+                             f" row runs to (0: {HORIZON_OVER_WARMSTART:g} x the warmstart's,"
+                             " as the paper's 120 h to its 10 h)")
+    parser.add_argument("--epochs", type=float, default=40.0,
+                        help="at most this many passes over the data per row (real compute:"
+                             " a row ends at the horizon or here, default 40)")
     parser.add_argument("--warmstart-steps", type=int, default=100,
                         help="mini-batches of SGD [1] before the rows branch off")
-    parser.add_argument("--tune-epochs", type=float, default=0.5,
-                        help="epochs of each candidate rate's trial (0: first rate)")
+    parser.add_argument("--tune-fraction", type=float, default=0.25,
+                        help="each candidate rate's trial runs this fraction of the row's"
+                             " horizon and epochs (0: take the first rate)")
     parser.add_argument("--evals", type=int, default=25, help="evaluations per row")
     parser.add_argument("--shards-per-replica", type=float, default=0.5,
                         help="parameter shards per Downpour/Sandblaster replica (default 0.5)")
+    parser.add_argument("--reuse", action="append", default=[], metavar="FILE",
+                        help="take rows identical to one in this earlier campaign file from"
+                             " it instead of running them again (repeatable)")
     parser.add_argument("--keep-runs", metavar="DIR",
                         help="keep every run's own result file there (default: discarded)")
 
@@ -95,8 +103,7 @@ def prepare(args, rows, name: str):
     campaign.refuse_existing(args.out, args.overwrite)
     os.chdir(REPO)  # the config's relative data path, results/bench_rma.h5
     started = time.perf_counter()
-    common = [f"train.epochs={args.epochs}", f"train.max_seconds={args.horizon}"]
-    cfg = configs.load(args.config, common)
+    cfg = configs.load(args.config, [f"train.epochs={args.epochs}"])
     data = load_dataset(cfg.data)
     costs, cal_attrs = corecosts.load_or_measure(Path(args.calibration), cfg, data,
                                                  args.network)
@@ -105,13 +112,17 @@ def prepare(args, rows, name: str):
     warm_every = args.warmstart_steps * cfg.train.batch * c.compute_per_sample / args.evals
     warm = warmstart(configs.load(args.config, ["train.optimizer='sgd'", "train.lr=0.1"]),
                      data, c, args.warmstart_steps, warm_every)
+    args.horizon = args.horizon or HORIZON_OVER_WARMSTART * warm.seconds
+    common = [f"train.epochs={args.epochs}",
+              f"train.max_seconds={args.horizon - warm.seconds:.6g}"]
     print(f"{name}: warmstart {warm.steps} steps of SGD [1] (lr 0.1): {warm.seconds:.2f}"
-          f" simulated s, test accuracy {warm.accuracy:.4f}; sha256 {warm.sha256[:12]}",
-          flush=True)
+          f" simulated s, test accuracy {warm.accuracy:.4f}; sha256 {warm.sha256[:12]};"
+          f" rows run to {args.horizon:.2f} s or {args.epochs:g} epochs", flush=True)
     work = Path(args.keep_runs) if args.keep_runs else Path(tempfile.mkdtemp(prefix=name))
     work.mkdir(parents=True, exist_ok=True)
     runner = campaign.Campaign(args.config, common, costs, warm.params, len(data.y_train),
-                               n_params, work, evals=args.evals, tune_epochs=args.tune_epochs)
+                               n_params, work, evals=args.evals,
+                               tune_fraction=args.tune_fraction)
     state = {"cfg": cfg, "data": data, "warm": warm, "costs": costs, "cal": cal_attrs,
              "started": started, "n_params": n_params}
     return runner, state
@@ -138,17 +149,23 @@ def run_rows(rows, runner, args) -> tuple[dict, dict]:
     return runs, skipped
 
 
-def reuse(rows, earlier: dict, runner, args) -> dict:
-    """Runs of ``earlier`` (a campaign file, read) whose signature a selected row has."""
-    found = {r["attrs"].get("signature"): r for r in earlier["runs"].values()}
+def reuse(rows, sources: list, runner, args) -> dict:
+    """Runs of earlier campaign files whose signature a selected row has (the same row,
+    base config, warmstart, costs, evaluations and tuning): ``{key: run}``."""
+    from mpibelief.simulate.campaign import read
+
+    found = {}
+    for source in sources:
+        for r in read(Path(source))["runs"].values():
+            found.setdefault(r["attrs"].get("signature"), (source, r))
     out = {}
     for m in selected(rows, args.methods):
-        old = found.get(runner.signature(m))
+        source, old = found.get(runner.signature(m), (None, None))
         if old is None:
             continue
         keep = {k: v for k, v in old["attrs"].items() if k in RUN_KEYS}
-        out[m.key] = {"metrics": old["metrics"], **keep, "reused_from": args.target_from}
-        print(f"--- {m.name}: reused from {args.target_from} (same row, warmstart, costs)",
+        out[m.key] = {"metrics": old["metrics"], **keep, "reused_from": str(source)}
+        print(f"--- {m.name}: reused from {source} (same row, warmstart, costs, tuning)",
               flush=True)
     return out
 
@@ -175,7 +192,8 @@ def file_attrs(args, state, name: str, target: float, rule: str) -> dict:
             "n_params": state["n_params"], "network": costs.network.name,
             "latency": costs.network.latency, "bandwidth": costs.network.bandwidth,
             "calibration": str(args.calibration), "target": target, "target_rule": rule,
-            "epochs": args.epochs, "horizon": args.horizon, "tune_epochs": args.tune_epochs,
+            "epochs": args.epochs, "horizon": args.horizon,
+            "tune_fraction": args.tune_fraction,
             "calibration_loadavg": float(state["cal"].get("loadavg_1min", math.nan)),
             "loadavg_1min": os.getloadavg()[0]}
 
@@ -217,7 +235,9 @@ def finish(args, rows, runner, state, name: str) -> int:
     """Figure 4: run the rows, choose the target, write the file, print the table."""
     from mpibelief.simulate import campaign
 
-    runs, skipped = run_rows(rows, runner, args)
+    done = reuse(rows, args.reuse, runner, args)
+    runs, skipped = run_rows([m for m in rows if m.key not in done], runner, args)
+    runs.update(done)
     warm = state["warm"]
     if args.target:
         target, rule = args.target, "given on the command line (--target)"

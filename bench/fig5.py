@@ -5,17 +5,19 @@ each took to reach 16% test accuracy, against the machines and against the cores
 Here each method family gets four configurations (replicas R, shards S, partitions P
 per replica), every one from the same warmstart as Figure 4 (recomputed here with the
 same recipe; its SHA-256 is checked against Figure 4's file), on the same costs, with
-Figure 4's target (``--target-from results/fig4.h5``, or ``--target``).  Each run goes
-``--epochs`` passes over the data; one that has not reached the target by then is
-recorded as not reached (the paper's fixed-rate Downpour "often misses the deadline").
+Figure 4's target (``--target-from results/fig4.h5``, or ``--target``) and Figure 4's
+horizon and epoch cap (the same defaults).  A run that has not reached the target by
+then is recorded as not reached (the paper's fixed-rate Downpour "often misses the
+deadline").
 
 Counting (stated in the file and on the plot): a replica is one machine whose P cores
 hold its partitions (the compute time shrinks as the scaling model says for P partitions
 inside one machine; the parameter traffic still crosses the machine's one link); a
 shard is one machine with one core; Sandblaster's coordinator one more.
 
-Rows identical to one of Figure 4's (same method, resources, rates, epochs, warmstart
-and costs) are taken from its file instead of being run again (``--no-reuse`` runs them).
+Rows identical to one of Figure 4's (same method, resources, rates, epochs, warmstart,
+costs and tuning) are taken from its file instead of being run again (``--no-reuse``
+runs them; ``--reuse FILE`` adds other earlier campaign files).
 
 Usage: ``python bench/fig5.py [--quick] [--out results/fig5.h5] [--calibration FILE]
 [--methods KEY,...] [--target-from results/fig4.h5 | --target 0.55] ...``
@@ -35,7 +37,7 @@ for _var in ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/campaign_cli.py
 import campaign_cli as cli  # noqa: E402
-from fig4 import ADAGRAD_RATES, SGD_RATES  # noqa: E402
+from fig4 import ADAGRAD_RATES, LARGE_RATES, SGD_RATES, SYNC_RATES  # noqa: E402
 
 from mpibelief.simulate.campaign import Method  # noqa: E402
 
@@ -54,7 +56,7 @@ def methods(args) -> list[Method]:
     rows = [Method(f"SGD [1], {P} cores", "sgd", 1, 0, P, sgd, (0.1,), "SGD [1]")
             for P in (1, 2, 4, 8)]
     rows += [Method(f"Downpour [{R}] + Adagrad{_p(P)}", "downpour", R, s(R), P, ada,
-                    tuple(r / 10 for r in ADAGRAD_RATES) if R > 100 else ADAGRAD_RATES,
+                    LARGE_RATES if R > 100 else ADAGRAD_RATES,
                     "Downpour + Adagrad") for R, P in down]
     rows += [Method(f"Downpour [{R}]{_p(P)}", "downpour", R, s(R), P, sgd, SGD_RATES,
                     "Downpour") for R, P in fixed]
@@ -64,9 +66,9 @@ def methods(args) -> list[Method]:
                                         "sandblaster.iterations=60"), (),
                     "Sandblaster L-BFGS") for R, P in sb]
     rows += [Method(f"Sync allreduce [{R}] + Adagrad{_p(P)}", "sync", R, 0, P, ada,
-                    ADAGRAD_RATES, "Sync allreduce + Adagrad") for R, P in sync]
+                    SYNC_RATES, "Sync allreduce + Adagrad") for R, P in sync]
     rows += [Method(f"Sync [{R}] + Strom 1% + Adagrad{_p(P)}", "sync", R, 0, P, strom,
-                    ADAGRAD_RATES, "Sync + Strom 1% + Adagrad") for R, P in sync]
+                    SYNC_RATES, "Sync + Strom 1% + Adagrad") for R, P in sync]
     return rows
 
 
@@ -120,7 +122,8 @@ def main(argv=None) -> int:
     target = args.target or float(fig4["attrs"]["target"])
     rule = ("given on the command line (--target)" if args.target else
             f"Figure 4's ({args.target_from}): {fig4['attrs']['target_rule']}")
-    done = {} if args.no_reuse or fig4 is None else cli.reuse(rows, fig4, runner, args)
+    sources = args.reuse + ([] if args.no_reuse or fig4 is None else [args.target_from])
+    done = cli.reuse(rows, sources, runner, args)
     runs, skipped = cli.run_rows([m for m in rows if m.key not in done], runner, args)
     runs.update(done)
     cli.attach_times(runs, warm, target)

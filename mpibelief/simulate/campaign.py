@@ -64,6 +64,7 @@ TARGET_RULE = ("target = warmstart + 0.60 x (best - warmstart) test accuracy, ro
 COUNTING = ("machines = replicas + shards (+1 Sandblaster coordinator); cores = replicas x"
             " partitions + shards (+1): a replica is one machine whose cores hold its"
             " partitions, a shard one machine with one core")
+EXTEND = 2  # trial rates beyond a grid whose best is at its edge
 METRIC_COLUMNS = ("wall_seconds", "samples", "updates", "train_loss", "train_accuracy",
                   "test_loss", "test_accuracy")
 
@@ -80,9 +81,10 @@ class Method:
             is scaled by the scaling model; the config keeps ``layout.partitions = 1``:
             the gradients are the same).
         sets: config overrides, ``"table.key=value"``.
-        rates: candidate ``train.lr`` values; with more than one, each runs for the
-            campaign's tuning epochs first and the best final test accuracy wins (the
-            paper compares each method at its best rate).
+        rates: candidate ``train.lr`` values, ascending on a geometric grid; with
+            more than one, each runs a trial first (the campaign's ``tune_fraction`` of
+            the row), the grid is extended while its best is at an edge, and the best
+            final test accuracy wins (the paper compares each method at its best rate).
         family: the method without its resources (Figure 5 draws a line per family).
         paper: its row in PAPER.md's Figure 4 table, or "".
     """
@@ -170,7 +172,8 @@ class Campaign:
         n_train, n_params: for the evaluation interval's estimate.
         work: a directory for the runs' own result files and calibration files.
         evals: evaluations per run (the interval is its estimated length over this).
-        tune_epochs: epochs of each candidate rate's trial run (0: take the first rate).
+        tune_fraction: each candidate rate's trial runs this fraction of the row's
+            ``train.max_seconds`` and ``train.epochs`` (0: take the first rate).
     """
 
     base: str
@@ -181,8 +184,8 @@ class Campaign:
     n_params: int
     work: Path
     evals: int = 25
-    tune_epochs: float = 0.5
-    log: object = print
+    tune_fraction: float = 0.25
+    log: object = print  # called like print (with flush=True)
 
     def config(self, m: Method, rate: float | None, extra=()):
         """The row's config at ``rate``, evaluated ``evals`` times (``extra`` last)."""
@@ -206,7 +209,8 @@ class Campaign:
             "common": list(self.common), "start": digest(self.start),
             "costs": [c.compute.get(m.partitions), sorted(c.apply.items()),
                       c.network.latency, c.network.bandwidth, list(c.spread)],
-            "evals": self.evals, "tune_epochs": self.tune_epochs}, sort_keys=True)
+            "evals": self.evals, "tune_fraction": self.tune_fraction, "extend": EXTEND},
+            sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
 
     def run(self, m: Method) -> tuple[dict | None, str | None]:
@@ -216,14 +220,8 @@ class Campaign:
         if why:
             return None, why
         tuning = {}
-        if len(m.rates) > 1 and self.tune_epochs > 0:
-            for rate in m.rates:
-                trial = self.config(m, rate, [f"train.epochs={self.tune_epochs}",
-                                              "train.eval_every=1e9"])
-                tuning[rate] = self._simulate(m, trial, f"{m.key}_lr{rate:g}")
-                self.log(f"  {m.name}: lr {rate:g} for {self.tune_epochs:g} epochs:"
-                         f" {tuning[rate]['metrics']['test_accuracy'][-1]:.4f} test accuracy")
-            best = max(tuning, key=lambda r: (tuning[r]["metrics"]["test_accuracy"][-1], -r))
+        if len(m.rates) > 1 and self.tune_fraction > 0:
+            best = self._tune(m, cfg, tuning)
             cfg = self.config(m, best)
         run = self._simulate(m, cfg, m.key)
         run["signature"] = self.signature(m)
@@ -236,6 +234,32 @@ class Campaign:
                                               for r in sorted(tuning)])
             run["real_seconds"] += sum(t["real_seconds"] for t in tuning.values())
         return run, None
+
+    def _tune(self, m: Method, cfg, tuning: dict) -> float:
+        """Trial runs of the row's rates; while the best is at an edge of those tried,
+        one more a grid step beyond it (at most ``EXTEND`` more): a best rate at the
+        edge of its grid says the grid missed the best.  Returns the best rate."""
+        f, train = self.tune_fraction, cfg.train
+        step = (m.rates[-1] / m.rates[0]) ** (1 / (len(m.rates) - 1))
+        queue = list(m.rates)
+        while queue:
+            rate = queue.pop(0)
+            trial = self.config(m, rate, [f"train.epochs={f * train.epochs:.6g}",
+                                          f"train.max_seconds={f * train.max_seconds:.6g}",
+                                          "train.eval_every=1e9"])
+            tuning[rate] = self._simulate(m, trial, f"{m.key}_lr{rate:g}")
+            final = tuning[rate]["metrics"]
+            self.log(f"  {m.name}: lr {rate:g} for {f:g} of the row:"
+                     f" {final['test_accuracy'][-1]:.4f} test accuracy at"
+                     f" {final['wall_seconds'][-1]:.2f} s", flush=True)
+            if not queue and len(tuning) < len(m.rates) + EXTEND:
+                best = max(tuning, key=lambda r: tuning[r]["metrics"]["test_accuracy"][-1])
+                k = round(math.log(best / m.rates[0]) / math.log(step))  # grid index
+                if best == max(tuning):
+                    queue.append(float(f"{m.rates[0] * step ** (k + 1):.3g}"))
+                elif best == min(tuning):
+                    queue.append(float(f"{m.rates[0] * step ** (k - 1):.3g}"))
+        return max(tuning, key=lambda r: (tuning[r]["metrics"]["test_accuracy"][-1], -r))
 
     def _simulate(self, m: Method, cfg, name: str) -> dict:
         from mpibelief.simulate.corecosts import calibration_file

@@ -144,3 +144,34 @@ def test_shard_links_share_a_shards_bandwidth():
         moved = sum(s.stats.applied for s in server.states) * 4 * server.n_params
     assert ends[True] >= moved / slow_net["bandwidth"]  # pushes alone fill the link
     assert ends[True] > 1.5 * ends[False]
+
+
+class FakeTrials(campaign.Campaign):
+    """A campaign whose trial runs end at an accuracy that peaks at ``peak`` (log rate)."""
+
+    def __init__(self, peak: float):
+        super().__init__("configs/fig45.toml", [], None, np.zeros(1), 1, 1, None)
+        self.peak, self.tried = peak, []
+
+    def config(self, m, rate, extra=()):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(train=SimpleNamespace(epochs=4.0, max_seconds=8.0, lr=rate))
+
+    def _simulate(self, m, cfg, name):
+        self.tried.append(cfg.train.lr)
+        acc = 0.6 - 0.05 * abs(math.log10(cfg.train.lr / self.peak))
+        return {"metrics": {"test_accuracy": np.array([acc]), "wall_seconds": np.array([2.0])},
+                "real_seconds": 0.0}
+
+
+def test_rate_grid_is_extended_while_its_best_is_at_an_edge():
+    row = Method("Downpour [20]", "downpour", 20, 10, rates=(1e-4, 3e-4, 1e-3))
+    inside = FakeTrials(peak=3e-4)
+    assert inside._tune(row, inside.config(row, None), {}) == 3e-4
+    assert inside.tried == [1e-4, 3e-4, 1e-3]  # no extension
+    above = FakeTrials(peak=1e-2)
+    assert above._tune(row, above.config(row, None), {}) == pytest.approx(1e-2, rel=0.01)
+    assert len(above.tried) == 3 + campaign.EXTEND  # 3e-3, then 1e-2; then it stops
+    below = FakeTrials(peak=2e-5)
+    assert below._tune(row, below.config(row, None), {}) == pytest.approx(3.16e-5, rel=0.01)
