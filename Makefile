@@ -43,10 +43,15 @@ bench: $(STAMP)
 	$(BIN)/python bench/compression.py
 	$(BIN)/python -m mpibelief plot compression results/compression.h5
 
-# Figure 3 from results/fig3_measured.h5 alone (no training, no timing); the file comes
-# from `python bench/model_parallel.py` (measures, then fits the scaling model).
+# The figures from results/*.h5 alone (no training, no timing): Figure 3 from
+# `python bench/model_parallel.py`, Figures 4 and 5 from `python bench/fig4.py` and
+# `python bench/fig5.py`, the compression figure if bench/compression.py's file is there.
 figures: $(STAMP)
 	$(BIN)/python -m mpibelief plot fig3 results/fig3_measured.h5 --out results/fig3.png
+	$(BIN)/python -m mpibelief plot fig4 results/fig4.h5 --out results/fig4.png
+	$(BIN)/python -m mpibelief plot fig5 results/fig5.h5 --out results/fig5.png
+	if [ -f results/compression.h5 ]; then \
+	  $(BIN)/python -m mpibelief plot compression results/compression.h5; fi
 
 clean:
 	rm -rf results/*.h5 results/*.png .cache .pytest_cache .ruff_cache

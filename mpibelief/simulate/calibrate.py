@@ -54,7 +54,7 @@ from mpibelief.simulate import exchange_work
 from mpibelief.simulate.cluster import Costs
 
 FIELDS = ("compute_per_sample", "apply_per_param", "latency", "bandwidth")
-OPTIONAL = ("first_step",)  # read as 0 from files written before it existed
+OPTIONAL = ("first_step", "shard_links")  # read as 0 from files written before them
 SPREAD = "timings/spread"
 
 
@@ -259,7 +259,8 @@ def read(path: Path) -> Costs:
         with h5py.File(path, "r") as f:
             spread = tuple(f[SPREAD][()]) if SPREAD in f else ()
             return Costs(*(float(f.attrs[name]) for name in FIELDS), spread=spread,
-                         first_step=float(f.attrs.get("first_step", 0.0)))
+                         first_step=float(f.attrs.get("first_step", 0.0)),
+                         shard_links=bool(f.attrs.get("shard_links", False)))
     except (OSError, KeyError) as exc:
         raise UserError(f"cannot read calibration {path}: {exc}"
                         " (make one with: mpibelief simulate CONFIG --calibrate)") from None

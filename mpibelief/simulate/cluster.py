@@ -44,10 +44,14 @@ in one line, with deterministic ordering of simultaneous events (by time, then
 creation order); a hand-written loop would re-implement them.  SimPy is pure Python,
 small and maintained (4.x); it is the only dependency the simulator adds.
 
-What is not modelled (each would need a measurement to calibrate it first): contention
-on network links (transfers are independent), the coordinator's own costs (evaluation
-takes no simulated time).  A replica of P partitions computes the whole model's gradient
-(the same math); only its step time and parallel transfers see P (:mod:`.partitioned`).
+Contention on network links is modelled only at the shards, and only with
+``Costs.shard_links``: each shard's link then carries one transfer at a time per
+direction.  A replica's own transfers are sequential anyway (with P partitions, each
+partition's).  Not modelled (each would need a measurement to calibrate it first):
+the network's core (any two links can talk at full speed) and the coordinator's own
+costs (evaluation takes no simulated time).  A replica of P partitions computes the
+whole model's gradient (the same math); only its step time and parallel transfers
+see P (:mod:`.partitioned`).
 """
 
 from __future__ import annotations
@@ -78,6 +82,10 @@ class Costs:
             staleness they see).
         first_step: seconds added to a replica's first compute: a fresh process
             loads its compiled kernels then (a cluster's replicas pay it too).
+        shard_links: each shard's network link carries one transfer at a time per
+            direction (pulls out, pushes in), so replicas talking to one shard share
+            its bandwidth, as on a cluster's network; False: transfers are
+            independent (shared memory, where the validation runs).
     """
 
     compute_per_sample: float
@@ -86,6 +94,7 @@ class Costs:
     bandwidth: float
     spread: tuple[float, ...] = ()
     first_step: float = 0.0
+    shard_links: bool = False
 
     def transfer(self, nbytes: int) -> float:
         return self.latency + nbytes / self.bandwidth
@@ -185,6 +194,9 @@ class Cluster:
         n = len(self.server.states)
         self.shards = [simpy.Resource(self.env, capacity=1) for _ in range(n)]
         self.times = [ShardTimes() for _ in range(n)]
+        # links[s]: shard s's link, out (pulls) and in (pushes); None: no contention.
+        self.links = [(simpy.Resource(self.env, 1), simpy.Resource(self.env, 1))
+                      for _ in range(n)] if self.costs.shard_links else None
         # slot[r][s]: fires when replica r's last push to shard s has been applied.
         self.slots = [[None] * n for _ in self.replicas]
         self.warm_done = self.env.event()
@@ -242,9 +254,14 @@ class Cluster:
     def _phase(self, r: int, name: str):
         rep, c = self.replicas[r], self.costs
         if name == "fetch":
-            seconds = transfer_seconds(c, self.stores[r].pieces)
-            rep.stats.comm_seconds += seconds
-            yield self.env.timeout(seconds)
+            tick = self.env.now
+            if self.links is None:  # one timeout: each partition's Gets follow one another
+                yield self.env.timeout(transfer_seconds(c, self.stores[r].pieces))
+            else:  # per shard, through its link (partitions' Gets in turn here)
+                for group in self.stores[r].pieces:
+                    for shard, size in group:
+                        yield from self._send(shard, 0, 4 * size)
+            rep.stats.comm_seconds += self.env.now - tick
         elif name == "compute":
             seconds = rep.batch * c.compute_per_sample
             if c.spread:
@@ -293,7 +310,21 @@ class Cluster:
                 tick = self.env.now
                 yield slot
                 self.stores[r].stats.wait_seconds += self.env.now - tick
-            yield self.env.timeout(self.costs.transfer(nbytes * size))
+            yield from self._send(shard, 1, nbytes * size)
+
+    def _send(self, shard: int, way: int, nbytes: int):
+        """``nbytes`` to (``way`` 1) or from (0) ``shard``: ``latency + nbytes /
+        bandwidth``.  With shard links the bytes wait for that direction of the shard's
+        link (FIFO turns: the same throughput as sharing the bandwidth at once); the
+        latency (software and wire delay) does not hold the link."""
+        c = self.costs
+        if self.links is None:
+            yield self.env.timeout(c.transfer(nbytes))
+            return
+        yield self.env.timeout(c.latency)
+        with self.links[shard][way].request() as turn:
+            yield turn
+            yield self.env.timeout(nbytes / c.bandwidth)
 
     def _apply(self, part, piece, version: int, client: int, samples: int, applied):
         """One push at shard ``part.rank``: queue, apply for its cost, then publish."""

@@ -85,10 +85,13 @@ def check_downpour(cfg) -> None:
         raise ConfigError("simulate does not model compressed pushes yet")
 
 
-def build(cfg, data, costs: Costs, faults: Faults):
+def build(cfg, data, costs: Costs, faults: Faults, start: np.ndarray | None = None):
     """The coordinator's model, the shard states (loaded) and the cluster.  ``costs`` are
     a replica's (for P partitions: :func:`.partitioned.replica_costs`); the stores move
-    each partition's range in parallel."""
+    each partition's range in parallel.
+
+    ``start``: a parameter vector to start from instead of the seeded initialisation
+    (a shared warmstart, as every distributed run of the paper's Figure 4 had)."""
     from mpibelief.algorithms.downpour import steps_per_replica
     from mpibelief.model import Model
     from mpibelief.optim import Optimizer
@@ -98,6 +101,11 @@ def build(cfg, data, costs: Costs, faults: Faults):
     R, S, P = cfg.layout.replicas, cfg.layout.shards, cfg.layout.partitions
     model = Model.from_config(cfg.model, data.n_inputs, data.n_classes)
     model.init(cfg.run.seed, cfg.model.init_scale)
+    if start is not None:
+        if start.shape != model.params.shape:
+            raise ConfigError(f"simulate: the start vector has {start.size} parameters,"
+                              f" the model {model.n_params}")
+        model.params[:] = start
     optimizer = Optimizer.from_config(cfg.train)
     optimizer.warm()
     n = model.n_params
@@ -120,8 +128,11 @@ def build(cfg, data, costs: Costs, faults: Faults):
 
 
 def simulate_downpour(cfg, out: Path, calibration: Path, faults: Faults | None = None,
-                      overwrite: bool = False) -> dict:
-    """Run the config on the simulated cluster; write ``out``; return the last row."""
+                      overwrite: bool = False, start: np.ndarray | None = None) -> dict:
+    """Run the config on the simulated cluster; write ``out``; return the last row.
+
+    ``start``: float32 parameters to start from (e.g. a shared warmstart) instead of
+    the seeded initialisation; the file then says ``started_from = "given vector"``."""
     from mpibelief.algorithms.downpour import method
     from mpibelief.coordinator import Evaluator
     from mpibelief.data import load_dataset
@@ -135,7 +146,7 @@ def simulate_downpour(cfg, out: Path, calibration: Path, faults: Faults | None =
     data = load_dataset(cfg.data)
     R, S, P = cfg.layout.replicas, cfg.layout.shards, cfg.layout.partitions
     replica, split = partitioned.replica_costs(costs, _shape(cfg, data), cfg.train.batch, P)
-    model, server, cluster = build(cfg, data, replica, faults)
+    model, server, cluster = build(cfg, data, replica, faults, start)
     lay = make_layout(1 + S + R * P, S, R, P)
     name = method(cfg, R)
     attrs = {"config": cfg.to_toml(), "algorithm": "downpour", "method": name,
@@ -143,7 +154,8 @@ def simulate_downpour(cfg, out: Path, calibration: Path, faults: Faults | None =
              "n_classes": data.n_classes, "n_params": model.n_params, "replicas": R,
              "simulated": True, "calibration": str(calibration),
              **{f"cost_{k}": getattr(costs, k) for k in calibrate.FIELDS},
-             "faults": repr(faults), **split.attrs()}
+             "faults": repr(faults), **split.attrs(),
+             "started_from": "init" if start is None else "given vector"}
     evaluate = Evaluator(data, cfg.train.eval_samples, cfg.run.seed)
     total = sum(cluster.steps) * cfg.train.batch
     with ResultWriter(out, attrs, overwrite) as writer:

@@ -6,9 +6,8 @@ fitted to what they measured, and the figure is drawn from the file.  Only the s
 are the test's: a 29k-parameter network (tests/slurm/fig3_tiny.toml), P = 1 and 2 (the
 job's 2 tasks), one round of two steps.
 
-Figures 4 and 5 (simulated, one process) get their submission test once
-bench/fig4.py and bench/fig5.py exist; their scripts are checked as text in
-test_scripts.py.
+Figures 4 and 5 (simulated, one process) run their ``--quick`` campaigns in a
+one-task job: the campaign file, stamped with the job, and its figure.
 """
 
 from __future__ import annotations
@@ -71,6 +70,25 @@ def test_fig3_campaign_measures_each_p_fits_the_model_and_draws(slurm, tmp_path,
     png = out.with_suffix(".png")
     assert png.stat().st_size > 20_000, log
     assert f"wrote {png}" in log
+
+
+@pytest.mark.parametrize("figure", [4, 5])
+def test_simulated_campaign_runs_in_one_task_and_draws(slurm, tmp_path, figure):
+    out = tmp_path / f"fig{figure}.h5"
+    # Figure 5 takes its target from Figure 4's file; alone, the test gives one, and
+    # runs three of its rows (all of them take 5 minutes here).
+    alone = ["--target", "0.25", "--methods", "sgd_1_1_cores,sgd_1_2_cores,downpour_2"] \
+        if figure == 5 else []
+    job = sbatch(slurm, tmp_path, "--ntasks=1", *SHORT, f"slurm/fig{figure}.sbatch", "--quick",
+                 "--out", out, "--calibration", tmp_path / "calibration.h5", *alone)
+    # About a minute here: the warm-up, a calibration, and the quick campaign's rows.
+    states, log = finish(slurm, job, tmp_path, timeout=420)
+    assert states == ["COMPLETED"], log
+    with h5py.File(out) as f:
+        assert f.attrs["slurm_job_id"] == job and f.attrs["slurm_nodelist"] == HOST
+        assert f.attrs["quick"] and len(f["runs"]) >= 3, log
+    png = out.with_suffix(".png")
+    assert png.stat().st_size > 20_000, log
 
 
 TAKEN = "someone's result"
