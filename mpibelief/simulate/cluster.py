@@ -42,9 +42,19 @@ in one line, with deterministic ordering of simultaneous events (by time, then
 creation order); a hand-written loop would re-implement them.  SimPy is pure Python,
 small and maintained (4.x); it is the only dependency the simulator adds.
 
+Cores (``machine``, :mod:`.cores`): by default every rank has a core of its own, and
+every phase lasts its cost.  Given a machine with fewer cores (this workstation), every
+phase above is CPU work on those cores, shared fairly by the ranks working at that moment
+and the machine's other processes: a transfer is then a copy by the replica's core (MPI's
+shared memory), and the coordinator, which evaluates the shards' parameters every
+``eval_every`` seconds (after the last evaluation ends, as ``Coordinator.watch`` does),
+takes its share too.  A shard's apply is urgent work (it takes a core at once): a shard
+sleeps between pushes, and the scheduler runs such a short burst ahead of the ranks that
+compute all the time.  So R + S + 1 ranks on 2 cores slow each other as real ones do.
+
 What is not modelled (each would need a measurement to calibrate it first): contention
-on network links (transfers are independent), the coordinator's own costs (evaluation
-takes no simulated time), and model parallelism within a replica (P = 1).
+on network links (transfers are independent), the coordinator's costs on a machine with
+a core per rank (there it slows nobody), and model parallelism within a replica (P = 1).
 """
 
 from __future__ import annotations
@@ -57,6 +67,7 @@ import simpy
 from mpibelief.optim import all_finite
 from mpibelief.ps.memory import MemoryServer
 from mpibelief.ps.state import GRADIENT, REFUSED
+from mpibelief.simulate.cores import Cores, Machine
 
 
 @dataclass(frozen=True)
@@ -74,6 +85,11 @@ class Costs:
             staleness they see).
         first_step: seconds added to a replica's first compute: a fresh process
             loads its compiled kernels then (a cluster's replicas pay it too).
+        evaluation: the coordinator's CPU seconds per evaluation (costs a shared
+            machine's cores only; see ``Cluster.machine``).
+
+    Every cost is CPU time on a core of its own: on a shared machine
+    (:class:`~mpibelief.simulate.cores.Machine`) a phase takes longer.
     """
 
     compute_per_sample: float
@@ -82,6 +98,7 @@ class Costs:
     bandwidth: float
     spread: tuple[float, ...] = ()
     first_step: float = 0.0
+    evaluation: float = 0.0
 
     def transfer(self, nbytes: int) -> float:
         return self.latency + nbytes / self.bandwidth
@@ -163,6 +180,8 @@ class Cluster:
         steps: each replica's steps (replica 0's include the warmstart).
         warmstart: steps replica 0 makes alone before the others start.
         seed: the straggler draws.
+        machine: the cores the ranks run on (default: a core per rank).
+        eval_every: seconds between the coordinator's evaluations (a shared machine's).
     """
 
     server: MemoryServer
@@ -173,9 +192,13 @@ class Cluster:
     faults: Faults = field(default_factory=Faults)
     warmstart: int = 0
     seed: int = 0
+    machine: Machine = field(default_factory=Machine)
+    eval_every: float = 0.0
 
     def __post_init__(self):
         self.env = simpy.Environment()
+        m = self.machine
+        self.cores = None if m.cores is None else Cores(self.env, m.cores, m.background)
         n = len(self.server.states)
         self.shards = [simpy.Resource(self.env, capacity=1) for _ in range(n)]
         self.times = [ShardTimes() for _ in range(n)]
@@ -190,6 +213,8 @@ class Cluster:
         self.ended = 0
         for r in range(len(self.replicas)):
             self.env.process(self._replica(r))
+        if self.cores is not None and self.costs.evaluation > 0 and self.eval_every > 0:
+            self.env.process(self._coordinator())
 
     def run(self, seconds: float = float("inf")) -> None:
         """Advance simulated time by ``seconds``, or less if every replica ends first
@@ -204,6 +229,19 @@ class Cluster:
     @property
     def finished(self) -> bool:
         return self.all_done.triggered
+
+    def _busy(self, seconds: float, urgent: bool = False):
+        """``seconds`` of one rank's CPU work: on its own core, or on the shared ones."""
+        if self.cores is None:
+            yield self.env.timeout(seconds)
+        else:
+            yield from self.cores.work(seconds, urgent)
+
+    def _coordinator(self):
+        """Evaluations on the shared cores, ``eval_every`` apart, while replicas train."""
+        while not self.all_done.triggered:
+            yield from self._busy(self.costs.evaluation)
+            yield self.env.timeout(self.eval_every)
 
     def _replica(self, r: int):
         yield from self._life(r)
@@ -235,11 +273,11 @@ class Cluster:
 
     def _phase(self, r: int, name: str):
         rep, c = self.replicas[r], self.costs
+        tick = self.env.now
         if name == "fetch":
-            seconds = sum(c.transfer(4 * (p.local.stop - p.local.start))
-                          for p in self.stores[r].parts)
-            rep.stats.comm_seconds += seconds
-            yield self.env.timeout(seconds)
+            yield from self._busy(sum(c.transfer(4 * (p.local.stop - p.local.start))
+                                      for p in self.stores[r].parts))
+            rep.stats.comm_seconds += self.env.now - tick
         elif name == "compute":
             seconds = rep.batch * c.compute_per_sample
             if c.spread:
@@ -249,12 +287,11 @@ class Cluster:
                 seconds *= self.faults.straggler_slowdown
             if rep.stats.steps == 1:  # the step just computed was its first
                 seconds += c.first_step
-            rep.stats.compute_seconds += seconds
-            yield self.env.timeout(seconds)
+            yield from self._busy(seconds)
+            rep.stats.compute_seconds += self.env.now - tick
         elif name == "push":
             pending = self.stores[r].take()
             if pending is not None:
-                tick = self.env.now
                 yield from self._put(r, pending)
                 rep.stats.comm_seconds += self.env.now - tick
 
@@ -273,8 +310,8 @@ class Cluster:
                 yield slot
                 self.stores[r].stats.wait_seconds += self.env.now - tick
             size = part.local.stop - part.local.start
-            yield self.env.timeout(self.costs.transfer(4 * size if pending.grad is not None
-                                                       else 0))
+            yield from self._busy(self.costs.transfer(4 * size if pending.grad is not None
+                                                      else 0))
         for s, part in enumerate(parts):
             version = -1 if pending.versions is None else int(pending.versions[s])
             piece = None if pending.grad is None else pending.grad[part.local]
@@ -293,8 +330,10 @@ class Cluster:
                       if s < len(self.faults.shard_slowdown) else 1.0)
             seconds = 0.0 if piece is None else \
                 piece.size * self.costs.apply_per_param * factor
-            yield self.env.timeout(seconds)
-            times.busy_seconds += seconds
+            tick = self.env.now
+            yield from self._busy(seconds, urgent=True)  # a shard wakes to apply: see Cores
+            times.busy_seconds += self.env.now - tick
+            self.server.states[s].stats.busy_cpu_seconds += seconds
             kind = REFUSED if piece is None else GRADIENT
             self.server.states[s].consume(kind, piece, part.offset, version, client, samples)
         applied.succeed()

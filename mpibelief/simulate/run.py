@@ -3,10 +3,13 @@
 The run is the config's (``layout.shards`` shards, ``layout.replicas`` replicas, the
 same data, model, seeds, ``train`` and ``downpour`` tables as ``mpibelief train``), the
 file is the layout of :mod:`mpibelief.results`, and the coordinator's part is played
-here: every ``train.eval_every`` *simulated* seconds the shards' parameters are
-evaluated into ``/metrics`` (``wall_seconds`` is simulated seconds), and at the end
-``/ranks`` and ``/server`` (staleness histogram, busy fractions) are written.  The root
-attributes say ``simulated = True`` and name the calibration file the costs came from.
+here: every ``train.eval_every`` *simulated* seconds (or, given ``sample_at``, once the
+samples applied reach each of those counts: sampling costs no simulated time) the
+shards' parameters are evaluated into ``/metrics`` (``wall_seconds`` is simulated
+seconds), and at the end ``/ranks`` and ``/server`` (staleness histogram, busy
+fractions) are written.  The root attributes say ``simulated = True``, name the
+calibration file the costs came from and the machine (``cores``: 0 for a core per rank;
+``background``).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import numpy as np
 from mpibelief.errors import ConfigError
 from mpibelief.simulate import calibrate
 from mpibelief.simulate.cluster import Cluster, Costs, Faults, SimStore
+from mpibelief.simulate.cores import Machine
 
 
 class SimClock:
@@ -48,8 +52,10 @@ def check(cfg) -> None:
         raise ConfigError("simulate does not model compressed pushes yet")
 
 
-def build(cfg, data, costs: Costs, faults: Faults):
-    """The coordinator's model, the shard states (loaded) and the cluster."""
+def build(cfg, data, costs: Costs, faults: Faults, machine: Machine | None = None,
+          seed: int | None = None):
+    """The coordinator's model, the shard states (loaded) and the cluster (``seed``: of
+    its timing draws, default ``run.seed``)."""
     from mpibelief.algorithms.downpour import steps_per_replica
     from mpibelief.model import Model
     from mpibelief.optim import Optimizer
@@ -74,14 +80,21 @@ def build(cfg, data, costs: Costs, faults: Faults):
         warm = cfg.downpour.warmstart_steps if r == 0 else 0
         steps.append(steps_per_replica(cfg, len(shard.y_train)) + warm)
     cluster = Cluster(server, replicas, stores, costs, steps, faults,
-                      cfg.downpour.warmstart_steps, cfg.run.seed)
+                      cfg.downpour.warmstart_steps, cfg.run.seed if seed is None else seed,
+                      machine or Machine(), cfg.train.eval_every)
     clock.env = cluster.env
     return model, server, cluster
 
 
 def simulate(cfg, out: Path, calibration: Path, faults: Faults | None = None,
-             overwrite: bool = False) -> dict:
-    """Run the config on the simulated cluster; write ``out``; return the last row."""
+             overwrite: bool = False, machine: Machine | None = None,
+             sample_at=None, seed: int | None = None) -> dict:
+    """Run the config on the simulated cluster; write ``out``; return the last row.
+
+    ``machine``: the cores the ranks share (default: a core each); ``sample_at``:
+    samples-applied counts to evaluate at (default: every ``train.eval_every``);
+    ``seed``: the timing draws' (default ``run.seed``).
+    """
     from mpibelief.algorithms.downpour import method
     from mpibelief.coordinator import Evaluator
     from mpibelief.data import load_dataset
@@ -90,10 +103,10 @@ def simulate(cfg, out: Path, calibration: Path, faults: Faults | None = None,
     from mpibelief.results import ResultWriter
 
     check(cfg)
-    faults = faults or Faults()
+    faults, machine = faults or Faults(), machine or Machine()
     costs = calibrate.read(calibration)
     data = load_dataset(cfg.data)
-    model, server, cluster = build(cfg, data, costs, faults)
+    model, server, cluster = build(cfg, data, costs, faults, machine, seed)
     R, S = cfg.layout.replicas, cfg.layout.shards
     lay = make_layout(1 + S + R, S, R, 1)
     name = method(cfg, R)
@@ -101,14 +114,15 @@ def simulate(cfg, out: Path, calibration: Path, faults: Faults | None = None,
              "world_size": lay.world, "roles": lay.table(), "dataset": data.name,
              "n_classes": data.n_classes, "n_params": model.n_params, "replicas": R,
              "simulated": True, "calibration": str(calibration),
-             **{f"cost_{k}": getattr(costs, k) for k in calibrate.FIELDS},
-             "faults": repr(faults)}
+             **{f"cost_{k}": getattr(costs, k) for k in calibrate.FIELDS + calibrate.OPTIONAL},
+             "faults": repr(faults), "cores": machine.cores or 0,
+             "background": machine.background}
     evaluate = Evaluator(data, cfg.train.eval_samples, cfg.run.seed)
     total = sum(cluster.steps) * cfg.train.batch
     with ResultWriter(out, attrs, overwrite) as writer:
         progress = Progress(total, f"{name} (simulated)")
         started = time.perf_counter()
-        row = _loop(cfg, cluster, server, model, evaluate, writer, progress)
+        row = _loop(cfg, cluster, server, model, evaluate, writer, progress, sample_at)
         progress.close()
         _tables(writer, lay, server, cluster)
         writer.set_attrs({"real_seconds": time.perf_counter() - started,
@@ -116,14 +130,23 @@ def simulate(cfg, out: Path, calibration: Path, faults: Faults | None = None,
     return row
 
 
-def _loop(cfg, cluster, server, model, evaluate, writer, progress) -> dict:
-    """Sample, advance ``eval_every`` simulated seconds, until the end or max_seconds."""
+def _loop(cfg, cluster, server, model, evaluate, writer, progress, at=None) -> dict:
+    """Sample at the start, every ``eval_every`` simulated seconds (or, given ``at``, once
+    the samples applied reach each of ``at``, looking every fiftieth of it) and at the
+    end or ``max_seconds``."""
     limit = cfg.train.max_seconds or float("inf")
-    while True:
-        row = _sample(cluster, server, model, evaluate, writer, progress)
-        if cluster.finished or cluster.env.now >= limit:
-            return row
-        cluster.run(min(cfg.train.eval_every, limit - cluster.env.now))
+    every = cfg.train.eval_every if at is None else cfg.train.eval_every / 50
+    targets = None if at is None else sorted(at)
+    row = _sample(cluster, server, model, evaluate, writer, progress)
+    while not (cluster.finished or cluster.env.now >= limit):
+        cluster.run(min(every, limit - cluster.env.now))
+        done = int(server.samples_applied()[1:].sum())
+        if targets is None or (targets and done >= targets[0]) or cluster.finished \
+                or cluster.env.now >= limit:
+            row = _sample(cluster, server, model, evaluate, writer, progress)
+            while targets and targets[0] <= done:
+                targets.pop(0)
+    return row
 
 
 def _sample(cluster, server, model, evaluate, writer, progress) -> dict:
