@@ -14,23 +14,24 @@ Three measurements, each of the code the simulated phase stands for:
   raw ping-pong, so the protocol's own costs are in the fit.
 
 Two refinements for a machine whose cores are shared (this workstation: 2 cores, load
-5-15 from other work), where a simulated rank cannot be given a core of its own:
+3-13 from other work), where a simulated rank cannot be given a core of its own:
 
-- ``concurrency`` k: the compute timing runs in k processes at once (forked, each on
-  its own model), so the per-sample cost is what each of k replicas gets when they
-  share the cores.  On a cluster with a core per rank, k = 1.
 - ``run``: a real Downpour result file (a short ``R1_S1`` run made just before) from
-  which the per-sample compute, the effective per-message cost and the shard's apply
-  cost are taken, as the run's ``/ranks`` and ``/server`` tables measured them.  The
-  compute timing then only gives the contention ratio and the spread: measured here,
-  20 timed steps gave 28 and then 100 us per sample one minute apart (the machine's
-  load comes in bursts), so a few seconds of real training are the steadier level.
-  Measured here too: in training a pull or push of 2 MiB costs 0.7 to 3 ms (a
-  replica descheduled inside MPI waits for a time slice), against 0.07 ms in
-  ``bench/rma.py`` with the shard idle; the micro-benchmark alone would make the
-  simulated replicas 15-40% too fast.  Both are scaled by
-  the measured contention (k-process over 1-process compute time), since on shared
-  cores the copies and the shard's update wait for the CPU as the kernels do.
+  which every cost is taken in CPU seconds, as the run's ``/ranks/cpu_seconds`` and
+  ``/server/apply_cpu_seconds`` measured them (:func:`from_run`), with the background
+  load the replica's share of a core implies.  The simulator then shares the machine's
+  cores among its ranks and that background (:mod:`.cores`), so the costs must not
+  carry the contention of the run they came from: CPU seconds do not, wall seconds
+  did (a replica's compute took 2-5x its CPU time here, with the other ranks and jobs).
+  The compute timing then only gives the spread.  Measured here: in training a step's
+  pull and push of 2 MiB each cost 0.6-1.1 ms of CPU and 2-8 ms of wall (MPICH calls
+  ``sched_yield`` inside them: strace counted 2924 calls in 3 s of one replica, about
+  20 a step, and on a busy machine each may hand the core away), against 0.07 ms each
+  in ``bench/rma.py`` with the shard idle.
+- ``concurrency`` k (older calibrations, no ``run``): the compute timing runs in k
+  processes at once (forked, each on its own model), and every cost is scaled by the
+  measured contention (k-process over 1-process compute time).  On a cluster with a
+  core per rank, k = 1.
 
 Medians, because this machine is shared: a burst of load on one timed step must not
 set the simulated speed of every step.  The file (``results/calibration.h5``) holds the
@@ -53,7 +54,7 @@ from mpibelief.simulate.cluster import Costs
 from mpibelief.simulate.cores import Machine
 
 FIELDS = ("compute_per_sample", "apply_per_param", "latency", "bandwidth")
-OPTIONAL = ("first_step", "evaluation")  # read as 0 from files written before them
+OPTIONAL = ("first_step", "evaluation", "descheduled")  # read as 0 from files before them
 SPREAD = "timings/spread"
 
 
@@ -162,7 +163,11 @@ def from_run(path: Path, bandwidth: float, cores: int | None = None,
       same bytes in twice the messages), where a cost per message would double;
     - a shard's CPU applying (``/server/apply_cpu_seconds``) per push is the apply
       cost (its idle polling, 0.2-1 s a run, left out: it is spread thin), the
-      coordinator's CPU in its watch loop per evaluation the evaluation cost.
+      coordinator's CPU in its watch loop per evaluation the evaluation cost;
+    - from a run of one replica and one shard, the share of its pushes applied before
+      its next pull (staleness 0, the first push aside) is ``descheduled``, the chance
+      that the replica lost its core in the one MPI call between push and pin for
+      longer than the shard took to apply (:class:`~.cluster.Cluster`).
 
     The background: each other rank worked ``cpu / share`` of the replicas' training
     time ``T`` (at the same share, on shared cores), so with ``active`` ranks working on
@@ -183,6 +188,7 @@ def from_run(path: Path, bandwidth: float, cores: int | None = None,
             shard_ranks, applied = f["server/shard_rank"][()], f["server/applied"][()]
             apply_cpu = f["server/apply_cpu_seconds"][()] if "server/apply_cpu_seconds" in f \
                 else None
+            staleness = f["server/staleness"][()] if "server/staleness" in f else np.zeros(1)
             n, batch = int(f.attrs["n_params"]), _batch(f.attrs["config"])
             evaluations = len(f["metrics/samples"]) - 1 if "metrics/samples" in f else 0
     except (OSError, KeyError) as exc:
@@ -205,17 +211,21 @@ def from_run(path: Path, bandwidth: float, cores: int | None = None,
     share = float(np.sum(cpu[replicas]) / np.sum(train - wait))
     compute_cpu = cpu[replicas] * (train - comm) / (train - wait)
     comm_step = float(np.mean(cpu[replicas] * (comm - wait) / (train - wait) / steps))
-    bytes_time = comm_step - 2 * S * latency  # 2 x 4n bytes a step: a pull and a push
     others = float(np.sum(cpu[~replicas]) / share / np.mean(train))
     if apply_cpu is None or not np.all(apply_cpu > 0):
         apply_cpu = cpu[shards]  # the whole serving loop's: idle polling too
     cores = cores or len(os.sched_getaffinity(0))
     background = cores / share - int(replicas.sum()) - others if share < 0.95 else 0.0
+    apply_per_param = float(np.sum(apply_cpu) / np.sum(applied) / (n / S))
+    if replicas.sum() == 1 and S == 1 and staleness.sum() > 1:  # the race it measures
+        # staleness 0: the pull came after the push was applied (the first push: always)
+        found["descheduled"] = max(float(staleness[0]) - 1, 0.0) / (staleness.sum() - 1)
+    bytes_time = comm_step - 2 * S * latency  # 2 x 4n bytes a step: a pull and a push
     found.update({
         "run_comm_step_seconds": comm_step, "latency": latency,
         "bandwidth": 2 * 4 * n / bytes_time if bytes_time > 0 else bandwidth,
         "compute_per_sample": float(np.sum(compute_cpu) / np.sum(r["samples"][replicas])),
-        "apply_per_param": float(np.sum(apply_cpu) / np.sum(applied) / (n / S)),
+        "apply_per_param": apply_per_param,
         "evaluation": float(np.sum(cpu[~replicas & ~shards])) / max(evaluations, 1),
         "share": share, "active_others": others, "machine_cores": cores,
         "background": max(float(background), 0.0)})
@@ -287,7 +297,7 @@ def measure(cfg, data, rma: Path, steps: int = 20, concurrency: int = 1,
                                       0.2 * measured["compute_per_sample"])
     costs = Costs(per_sample, apply_per_param * contention, latency * contention,
                   bandwidth, tuple(float(v) for v in np.sort(compute) / np.mean(compute)),
-                  first, raw.get("evaluation", 0.0))
+                  first, raw.get("evaluation", 0.0), raw.get("descheduled", 0.0))
     return costs, raw
 
 

@@ -52,6 +52,31 @@ takes its share too.  A shard's apply is urgent work (it takes a core at once): 
 sleeps between pushes, and the scheduler runs such a short burst ahead of the ranks that
 compute all the time.  So R + S + 1 ranks on 2 cores slow each other as real ones do.
 
+Who reads a push first on a shared machine, the shard or its replica's next pull, is a
+race that decides the staleness, and the staleness the accuracy (measured: one replica
+whose pulls always came after its push was applied reached 3-9 points more test accuracy
+mid-run than one whose pulls always came before).  Three things decide it, as measured
+on the real ranks (timestamps in the client and the shard, 461 pushes, load 4):
+
+- a replica pins the shards one after another, each after the Get before it (0.09 and
+  0.21 ms after its push, medians: at full speed, not at a fair share's);
+- an idle shard notices a push at its next poll (it sleeps up to 1 ms between polls:
+  ``ShardServer.serve``'s backoff; the apply started 0.84 ms after the push, median);
+  here a uniform delay in ``[0, SHARD_POLL)`` when the shard is idle;
+- the replica is sometimes off its core right after an MPI call (MPICH calls
+  ``sched_yield`` inside one-sided calls, about 20 times a step, and on a busy machine
+  the core goes to another process for its time slice): the pin came after 1.35 ms
+  (shard 0) or 2.17 ms (shard 1) in one pull in ten, late enough for the shard to
+  apply first (9% and 19% of pulls: shard 1 is pinned after two such calls, shard 0
+  after one).  Here the pull reads every shard when it starts, except that after the
+  push, and after each pin, with chance ``costs.descheduled`` the replica reads the
+  next shards only once they have applied its push; the chance is the share of such
+  pulls in the calibration run (one replica, one shard: one call between push and pin,
+  :func:`.calibrate.from_run`).  Two simpler models made too many such pulls (49% of a
+  two-shard run's, where the real run had 15%): an exponential delay of the same mean
+  (the real delay is nearly always short, now and then a whole time slice), and pins
+  paced by the Gets at a fair share of a core (the Gets run at full speed).
+
 What is not modelled (each would need a measurement to calibrate it first): contention
 on network links (transfers are independent), the coordinator's costs on a machine with
 a core per rank (there it slows nobody), and model parallelism within a replica (P = 1).
@@ -68,6 +93,8 @@ from mpibelief.optim import all_finite
 from mpibelief.ps.memory import MemoryServer
 from mpibelief.ps.state import GRADIENT, REFUSED
 from mpibelief.simulate.cores import Cores, Machine
+
+SHARD_POLL = 1e-3  # seconds an idle shard sleeps between polls (ShardServer.serve's backoff)
 
 
 @dataclass(frozen=True)
@@ -87,6 +114,9 @@ class Costs:
             loads its compiled kernels then (a cluster's replicas pay it too).
         evaluation: the coordinator's CPU seconds per evaluation (costs a shared
             machine's cores only; see ``Cluster.machine``).
+        descheduled: on a shared machine, the chance that a replica, after one of its
+            MPI calls (a push's last flush, a pin), is off its core until the shards
+            have applied its push (see ``Cluster``).
 
     Every cost is CPU time on a core of its own: on a shared machine
     (:class:`~mpibelief.simulate.cores.Machine`) a phase takes longer.
@@ -99,6 +129,7 @@ class Costs:
     spread: tuple[float, ...] = ()
     first_step: float = 0.0
     evaluation: float = 0.0
+    descheduled: float = 0.0
 
     def transfer(self, nbytes: int) -> float:
         return self.latency + nbytes / self.bandwidth
@@ -275,6 +306,9 @@ class Cluster:
         rep, c = self.replicas[r], self.costs
         tick = self.env.now
         if name == "fetch":
+            for s, part in enumerate(self.stores[r].parts):
+                if s and self.cores is not None:  # pinned after another MPI call
+                    yield from self._descheduled(r, [part], s)
             yield from self._busy(sum(c.transfer(4 * (p.local.stop - p.local.start))
                                       for p in self.stores[r].parts))
             rep.stats.comm_seconds += self.env.now - tick
@@ -293,7 +327,22 @@ class Cluster:
             pending = self.stores[r].take()
             if pending is not None:
                 yield from self._put(r, pending)
+                if self.cores is not None:
+                    yield from self._descheduled(r, self.stores[r].parts)
                 rep.stats.comm_seconds += self.env.now - tick
+
+    def _descheduled(self, r: int, parts, pin: int | None = None):
+        """With chance ``costs.descheduled``, replica ``r`` is off its core until those
+        shards have applied its last push (it yielded its core in an MPI call); then,
+        given the position ``pin`` of a shard in its pull, it reads that shard anew."""
+        if self.costs.descheduled and self.rng.random() < self.costs.descheduled:
+            pending = [self.slots[r][p.rank] for p in parts]
+            yield simpy.AllOf(self.env, [e for e in pending if e is not None])
+            if pin is not None:  # its fetch read every shard at its start: this one now
+                part, rep = parts[0], self.replicas[r]
+                state, size = self.server.states[part.rank], part.local.stop - part.local.start
+                rep.params[part.local] = state.current[part.offset:part.offset + size]
+                rep.versions[pin] = state.version
 
     def _put(self, r: int, pending: Pending):
         """Put every shard's piece, then publish them all; the shards apply them later.
@@ -323,6 +372,8 @@ class Cluster:
         """One push at shard ``part.rank``: queue, apply for its cost, then publish."""
         s = part.rank
         shard, times = self.shards[s], self.times[s]
+        if self.cores is not None and not shard.count and not shard.queue:
+            yield self.env.timeout(self.rng.uniform(0.0, SHARD_POLL))  # its next poll
         with shard.request() as turn:
             times.max_queue = max(times.max_queue, len(shard.queue) + 1)
             yield turn
