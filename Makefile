@@ -43,10 +43,13 @@ bench: $(STAMP)
 	$(BIN)/python bench/compression.py
 	$(BIN)/python -m mpibelief plot compression results/compression.h5
 
-# Figure 3 from results/fig3_measured.h5 alone (no training, no timing); the file comes
-# from `python bench/model_parallel.py` (measures, then fits the scaling model).
+# Figures from results/*.h5 alone (no training, no timing): Figure 3 from
+# results/fig3_measured.h5 (`python bench/model_parallel.py` measures, then fits the
+# scaling model); the simulator's validation from results/sim_validation.h5
+# (`python -m mpibelief.simulate.validate --overwrite` runs it, several minutes).
 figures: $(STAMP)
 	$(BIN)/python -m mpibelief plot fig3 results/fig3_measured.h5 --out results/fig3.png
+	$(BIN)/python -m mpibelief plot validation results/sim_validation.h5 --out results/sim_validation.png
 
 clean:
 	rm -rf results/*.h5 results/*.png .cache .pytest_cache .ruff_cache

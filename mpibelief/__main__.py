@@ -27,6 +27,7 @@ EPILOG = """examples:
   python -m mpibelief plot compression results/compression.h5
   python -m mpibelief simulate configs/demo.toml --set layout.replicas=8 --calibrate
   python -m mpibelief plot fig3 results/fig3_measured.h5 --out results/fig3.png
+  python -m mpibelief plot validation results/sim_validation.h5
 """
 
 
@@ -56,10 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     simulate_cli.add_parser(sub, with_config)
 
     plot = sub.add_parser("plot", help="draw figures from result files")
-    plot.add_argument("figure", choices=["accuracy", "compression", "fig3"],
+    plot.add_argument("figure", choices=["accuracy", "compression", "fig3", "validation"],
                       help="accuracy: result files against time; compression: the"
                            " file bench/compression.py wrote; fig3: the file"
-                           " bench/model_parallel.py wrote (default out: fig3.png beside it)")
+                           " bench/model_parallel.py wrote (default out: fig3.png beside it);"
+                           " validation: the file python -m mpibelief.simulate.validate wrote")
     plot.add_argument("runs", nargs="+", help="HDF5 result files")
     plot.add_argument("--out", help="PNG to write (default: beside the first run)")
     return p
@@ -147,6 +149,10 @@ def cmd_plot(args) -> int:
         from mpibelief.plots.fig3 import plot_fig3
 
         out = plot_fig3(args.runs[0], args.out)
+    elif args.figure == "validation":
+        from mpibelief.plots.validation import plot_validation
+
+        out = plot_validation(args.runs[0], args.out)
     elif args.figure == "compression":
         from mpibelief.plots.compression import plot_compression
 
