@@ -302,12 +302,18 @@ def measure(cfg, data, rma: Path, steps: int = 20, concurrency: int = 1,
 
 
 def write(path: Path, costs: Costs, raw: dict) -> None:
-    """``path``: the costs as root attributes, raw timings under ``/timings``, stamped."""
+    """``path``: the costs as root attributes, raw timings under ``/timings``, stamped.
+
+    A raw figure named as a cost (the run's compute per sample, before the first step
+    is taken out) is kept as ``run_<name>``: the cost is what :func:`read` returns.
+    """
     from mpibelief.results import stamp
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    attrs = {name: getattr(costs, name) for name in FIELDS + OPTIONAL}
-    attrs.update({k: v for k, v in raw.items() if not isinstance(v, np.ndarray)})
+    names = FIELDS + OPTIONAL
+    attrs = {f"run_{k}" if k in names else k: v for k, v in raw.items()
+             if not isinstance(v, np.ndarray)}
+    attrs.update({name: getattr(costs, name) for name in names})
     attrs["loadavg_1min"] = os.getloadavg()[0]
     attrs["cpus"] = os.cpu_count() or 0
     with h5py.File(path, "w") as f:

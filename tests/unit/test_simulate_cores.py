@@ -159,3 +159,17 @@ def test_a_descheduled_replica_pulls_after_the_apply(data):  # noqa: F811
     server, _ = simulate(data, 1, 2, Machine(cores=4), costs)
     fresh = [(s.stats.staleness[0] - 1) / (s.stats.staleness.sum() - 1) for s in server.states]
     assert 0.08 < fresh[0] < 0.32 and fresh[1] > fresh[0] + 0.05, fresh  # 0.2 and 0.36
+
+
+def test_a_calibration_file_gives_back_its_costs(tmp_path):
+    """The raw run figures written beside the costs never replace them (the run's compute
+    per sample still holds the first step, which the cost has taken out)."""
+    costs = Costs(*[getattr(COSTS, k) for k in calibrate.FIELDS], first_step=0.4,
+                  evaluation=0.25, descheduled=0.05)
+    path = tmp_path / "cal.h5"
+    calibrate.write(path, costs, {"compute_per_sample": 9.0, "background": 2.5,
+                                  "machine_cores": 2})
+    assert calibrate.read(path) == costs
+    assert calibrate.machine(path) == Machine(2, 2.5)
+    with h5py.File(path) as f:
+        assert f.attrs["run_compute_per_sample"] == 9.0
