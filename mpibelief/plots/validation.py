@@ -41,6 +41,12 @@ def read_validation(path: Path) -> dict:
                 for label in ("real", "sim"):
                     g = group[label]
                     cases[name][label] = {**dict(g.attrs), **{k: g[k][()] for k in g}}
+                real, sim = cases[name]["real"], cases[name]["sim"]
+                if len(sim["samples"]) != len(real["samples"]):  # a file from before
+                    # simulations were evaluated at the real samples: its dense curve there
+                    sim["test_accuracy"] = np.interp(real["samples"], sim["samples"],
+                                                     sim["test_accuracy"])
+                    sim["samples"] = real["samples"]
             return {"bounds": bounds, "cases": dict(sorted(cases.items()))}
     except (OSError, KeyError) as exc:
         raise UserError(f"cannot read {path} as a validation file"
@@ -67,9 +73,10 @@ def _curves(ax, diff_ax, name: str, case: dict, bound: float) -> None:
     ax.plot(x, 100 * real["test_accuracy"], "o-", color="C0", ms=5, lw=1,
             label=f"real (mean of {runs})")
     ax.set_ylim(0, 100 * max(real["test_accuracy"].max(), sim["test_accuracy"].max()) + 5)
-    ax.set_title(f"{name.replace('_', ' ')}: {_verdict(found)}  ({int(found['cores'])} cores,"
-                 f" {found['background']:.1f} others; load {found['loadavg_before']:.1f}-"
-                 f"{found['loadavg_after']:.1f})", fontsize=9)
+    machine = (f"  ({int(found['cores'])} cores, {found['background']:.1f} others; load"
+               f" {found['loadavg_before']:.1f}-{found['loadavg_after']:.1f})"
+               if "cores" in found else "")
+    ax.set_title(f"{name.replace('_', ' ')}: {_verdict(found)}{machine}", fontsize=9)
     diff = 100 * (sim["test_accuracy"] - real["test_accuracy"])
     diff_ax.fill_between([half, x.max()], -bound, bound, color="green", alpha=0.15,
                          label=f"bound +-{bound:g} points")
