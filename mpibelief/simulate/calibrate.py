@@ -1,6 +1,7 @@
 """Calibration: the measured costs that drive the simulator, kept in HDF5.
 
-Three measurements, each of the code the simulated phase stands for:
+Three measurements, each of the code the simulated phase stands for (and, for
+synchronous SGD, the exchange's arithmetic: :mod:`.exchange_work`, ``work_*``):
 
 - compute: ``Model.loss_and_grad`` on real mini-batches of the config's data and
   model, timed here (median over ``steps`` after a warm-up that compiles the kernels);
@@ -50,11 +51,13 @@ import h5py
 import numpy as np
 
 from mpibelief.errors import UserError
+from mpibelief.simulate import exchange_work
 from mpibelief.simulate.cluster import Costs
 from mpibelief.simulate.cores import Machine
 
 FIELDS = ("compute_per_sample", "apply_per_param", "latency", "bandwidth")
-OPTIONAL = ("first_step", "evaluation", "descheduled")  # read as 0 from files before them
+# read as 0 (False) from files written before them
+OPTIONAL = ("first_step", "shard_links", "evaluation", "descheduled")
 SPREAD = "timings/spread"
 
 
@@ -281,6 +284,8 @@ def measure(cfg, data, rma: Path, steps: int = 20, concurrency: int = 1,
            "network_sizes": net["sizes"], "network_seconds": net["seconds"],
            "n_params": model.n_params, "batch": batch, "rma_file": str(rma),
            "concurrency": concurrency, "contention": contention, "first_step": first}
+    # The sync exchange's arithmetic (reduce, Strom's encode and decode): .exchange_work.
+    raw.update(exchange_work.measure(model.n_params, cfg.compression).scaled(contention).attrs())
     apply_per_param = float(np.median(apply)) / model.n_params
     if run is not None:
         measured = from_run(Path(run), bandwidth, latency=latency)
@@ -297,7 +302,8 @@ def measure(cfg, data, rma: Path, steps: int = 20, concurrency: int = 1,
                                       0.2 * measured["compute_per_sample"])
     costs = Costs(per_sample, apply_per_param * contention, latency * contention,
                   bandwidth, tuple(float(v) for v in np.sort(compute) / np.mean(compute)),
-                  first, raw.get("evaluation", 0.0), raw.get("descheduled", 0.0))
+                  first, evaluation=raw.get("evaluation", 0.0),
+                  descheduled=raw.get("descheduled", 0.0))
     return costs, raw
 
 
@@ -341,7 +347,8 @@ def read(path: Path) -> Costs:
         with h5py.File(path, "r") as f:
             spread = tuple(f[SPREAD][()]) if SPREAD in f else ()
             return Costs(*(float(f.attrs[name]) for name in FIELDS), spread=spread,
-                         **{k: float(f.attrs.get(k, 0.0)) for k in OPTIONAL})
+                         **{k: (bool if k == "shard_links" else float)(f.attrs.get(k, 0))
+                            for k in OPTIONAL})
     except (OSError, KeyError) as exc:
         raise UserError(f"cannot read calibration {path}: {exc}"
                         " (make one with: mpibelief simulate CONFIG --calibrate)") from None

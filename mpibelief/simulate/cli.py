@@ -60,11 +60,14 @@ def faults_of(args, shards: int):
 
 
 def machine_of(args):
-    """The :class:`~mpibelief.simulate.cores.Machine` of ``--cores`` and ``--background``."""
+    """The :class:`~mpibelief.simulate.cores.Machine` of ``--cores`` and ``--background``
+    (None without ``--cores``: a core per rank, and any algorithm's simulator)."""
     from mpibelief.simulate.cores import Machine
 
     if args.cores is None and args.background:
         raise ConfigError("simulate: --background needs --cores")
+    if args.cores is None:
+        return None
     try:
         return Machine(args.cores, args.background)
     except ValueError as exc:
@@ -88,8 +91,11 @@ def cmd_simulate(args, cfg) -> int:
               f" {costs.latency * 1e6:.1f} us + bytes at {costs.bandwidth / 1e9:.1f} GB/s"
               f" -> {calibration}", flush=True)
     out = Path(args.out) if args.out else Path(cfg.run.results_dir) / f"{cfg.run.name}_sim.h5"
+    machine = machine_of(args)
+    if machine is not None and cfg.run.algorithm != "downpour":
+        raise ConfigError("simulate: --cores is modelled for run.algorithm = 'downpour' only")
     row = simulate(cfg, out, calibration, faults_of(args, cfg.layout.shards), args.overwrite,
-                   machine=machine_of(args))
+                   machine=machine)
     print(f"mpibelief: simulated {row['wall_seconds']:.1f} s: test accuracy"
           f" {row['test_accuracy']:.4f} after {int(row['samples'])} samples; wrote {out}",
           flush=True)

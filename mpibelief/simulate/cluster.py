@@ -20,9 +20,11 @@ Timeline of one Downpour step of replica r (``n_fetch = n_push = 1``)::
 
 - fetch: the real pull reads the shards' current versions when the phase starts; it
   then lasts ``latency + bytes / bandwidth`` per shard (the client Gets the shards
-  one after another, as ``ParameterClient.pull`` does).
+  one after another, as ``ParameterClient.pull`` does).  A replica of P partitions:
+  each partition its own range, the partitions in parallel (:mod:`.partitioned`).
 - compute: the real forward and backward runs when the phase starts; it lasts
-  ``batch * compute_per_sample`` (times a straggler's slowdown, if drawn).
+  ``batch * compute_per_sample`` (times a straggler's slowdown, if drawn; for P
+  partitions the caller scales the cost, :func:`.partitioned.replica_costs`).
 - push: per shard, the replica waits until its inbox slot there is free (the MPI
   server has one slot per client per shard: ``depth = 1``) and puts its piece
   (``latency + bytes / bandwidth``); then it publishes all pieces at once (as the real
@@ -77,9 +79,14 @@ on the real ranks (timestamps in the client and the shard, 461 pushes, load 4):
   (the real delay is nearly always short, now and then a whole time slice), and pins
   paced by the Gets at a fair share of a core (the Gets run at full speed).
 
-What is not modelled (each would need a measurement to calibrate it first): contention
-on network links (transfers are independent), the coordinator's costs on a machine with
-a core per rank (there it slows nobody), and model parallelism within a replica (P = 1).
+Contention on network links is modelled only at the shards, and only with
+``Costs.shard_links``: each shard's link then carries one transfer at a time per
+direction.  A replica's own transfers are sequential anyway (with P partitions, each
+partition's).  Not modelled (each would need a measurement to calibrate it first):
+the network's core (any two links can talk at full speed) and the coordinator's own
+costs on a machine with a core per rank (there it slows nobody).  A replica of P
+partitions computes the whole model's gradient (the same math); only its step time and
+parallel transfers see P (:mod:`.partitioned`).
 """
 
 from __future__ import annotations
@@ -93,6 +100,7 @@ from mpibelief.optim import all_finite
 from mpibelief.ps.memory import MemoryServer
 from mpibelief.ps.state import GRADIENT, REFUSED
 from mpibelief.simulate.cores import Cores, Machine
+from mpibelief.simulate.partitioned import transfer_seconds
 
 SHARD_POLL = 1e-3  # seconds an idle shard sleeps between polls (ShardServer.serve's backoff)
 
@@ -112,6 +120,10 @@ class Costs:
             staleness they see).
         first_step: seconds added to a replica's first compute: a fresh process
             loads its compiled kernels then (a cluster's replicas pay it too).
+        shard_links: each shard's network link carries one transfer at a time per
+            direction (pulls out, pushes in), so replicas talking to one shard share
+            its bandwidth, as on a cluster's network; False: transfers are
+            independent (shared memory, where the validation runs).
         evaluation: the coordinator's CPU seconds per evaluation (costs a shared
             machine's cores only; see ``Cluster.machine``).
         descheduled: on a shared machine, the chance that a replica, after one of its
@@ -128,6 +140,7 @@ class Costs:
     bandwidth: float
     spread: tuple[float, ...] = ()
     first_step: float = 0.0
+    shard_links: bool = False
     evaluation: float = 0.0
     descheduled: float = 0.0
 
@@ -175,12 +188,14 @@ class SimStore:
 
     It wraps a :class:`~mpibelief.ps.memory.MemoryClient` (same parts, same counters),
     but a push is only recorded here; the cluster puts it on the simulated network and
-    the shards apply it when their turn comes.
+    the shards apply it when their turn comes.  ``pieces``: per partition, ``[(shard,
+    parameters)]`` it moves (:func:`.partitioned.shard_pieces`; default one partition).
     """
 
-    def __init__(self, client):
+    def __init__(self, client, pieces: list | None = None):
         self.client = client
         self.parts, self.stats, self.n_params = client.parts, client.stats, client.n_params
+        self.pieces = pieces or [[(p.rank, p.local.stop - p.local.start) for p in self.parts]]
         self.pending: Pending | None = None
 
     def pull(self, out: np.ndarray) -> np.ndarray:
@@ -233,6 +248,9 @@ class Cluster:
         n = len(self.server.states)
         self.shards = [simpy.Resource(self.env, capacity=1) for _ in range(n)]
         self.times = [ShardTimes() for _ in range(n)]
+        # links[s]: shard s's link, out (pulls) and in (pushes); None: no contention.
+        self.links = [(simpy.Resource(self.env, 1), simpy.Resource(self.env, 1))
+                      for _ in range(n)] if self.costs.shard_links else None
         # slot[r][s]: fires when replica r's last push to shard s has been applied.
         self.slots = [[None] * n for _ in self.replicas]
         self.warm_done = self.env.event()
@@ -309,8 +327,12 @@ class Cluster:
             for s, part in enumerate(self.stores[r].parts):
                 if s and self.cores is not None:  # pinned after another MPI call
                     yield from self._descheduled(r, [part], s)
-            yield from self._busy(sum(c.transfer(4 * (p.local.stop - p.local.start))
-                                      for p in self.stores[r].parts))
+            if self.links is None:  # each partition's Gets follow one another
+                yield from self._busy(transfer_seconds(c, self.stores[r].pieces))
+            else:  # per shard, through its link (partitions' Gets in turn here)
+                for group in self.stores[r].pieces:
+                    for shard, size in group:
+                        yield from self._send(shard, 0, 4 * size)
             rep.stats.comm_seconds += self.env.now - tick
         elif name == "compute":
             seconds = rep.batch * c.compute_per_sample
@@ -349,24 +371,46 @@ class Cluster:
 
         As ``ParameterClient.push``: wait for this client's slot on each shard, Put the
         pieces one after another, flush, and only then publish every slot word, so the
-        shards all see the push at the same moment, at its end.
+        shards all see the push at the same moment, at its end.  A replica of several
+        partitions puts each partition's pieces at once, and publishes after the slowest.
         """
-        parts = self.stores[r].parts
-        for part in parts:
-            slot = self.slots[r][part.rank]
-            if slot is not None and not slot.triggered:
-                tick = self.env.now
-                yield slot
-                self.stores[r].stats.wait_seconds += self.env.now - tick
-            size = part.local.stop - part.local.start
-            yield from self._busy(self.costs.transfer(4 * size if pending.grad is not None
-                                                      else 0))
+        parts, pieces = self.stores[r].parts, self.stores[r].pieces
+        nbytes = 4 if pending.grad is not None else 0
+        if len(pieces) == 1:
+            yield from self._put_pieces(r, pieces[0], nbytes)
+        else:
+            yield simpy.AllOf(self.env, [self.env.process(self._put_pieces(r, group, nbytes))
+                                         for group in pieces])
         for s, part in enumerate(parts):
             version = -1 if pending.versions is None else int(pending.versions[s])
             piece = None if pending.grad is None else pending.grad[part.local]
             applied = self.env.event()
             self.slots[r][part.rank] = applied
             self.env.process(self._apply(part, piece, version, r + 1, pending.samples, applied))
+
+    def _put_pieces(self, r: int, group: list, nbytes: int):
+        """One partition's Puts: per shard, wait for the replica's slot, then put."""
+        for shard, size in group:
+            slot = self.slots[r][shard]
+            if slot is not None and not slot.triggered:
+                tick = self.env.now
+                yield slot
+                self.stores[r].stats.wait_seconds += self.env.now - tick
+            yield from self._send(shard, 1, nbytes * size)
+
+    def _send(self, shard: int, way: int, nbytes: int):
+        """``nbytes`` to (``way`` 1) or from (0) ``shard``: ``latency + nbytes /
+        bandwidth``.  With shard links the bytes wait for that direction of the shard's
+        link (FIFO turns: the same throughput as sharing the bandwidth at once); the
+        latency (software and wire delay) does not hold the link."""
+        c = self.costs
+        if self.links is None:
+            yield from self._busy(c.transfer(nbytes))
+            return
+        yield self.env.timeout(c.latency)
+        with self.links[shard][way].request() as turn:
+            yield turn
+            yield self.env.timeout(nbytes / c.bandwidth)
 
     def _apply(self, part, piece, version: int, client: int, samples: int, applied):
         """One push at shard ``part.rank``: queue, apply for its cost, then publish."""

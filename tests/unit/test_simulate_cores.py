@@ -68,7 +68,7 @@ def simulate(data, replicas, shards, machine=None, costs=COSTS, eval_every=0.0):
     from mpibelief.simulate.run import build
 
     cfg = cfg_of(replicas, shards, extra=[f"train.eval_every={eval_every or 1.0}"])
-    _, server, cluster = build(cfg, data, costs, NO_FAULTS, machine)
+    _, server, cluster = build(cfg, data, costs, NO_FAULTS, machine=machine)
     cluster.eval_every = eval_every
     cluster.run()
     return server, cluster
