@@ -45,11 +45,14 @@ bench: $(STAMP)
 
 # The figures from results/*.h5 alone (no training, no timing): Figure 3 from
 # `python bench/model_parallel.py`, Figures 4 and 5 from `python bench/fig4.py` and
-# `python bench/fig5.py`, the compression figure if bench/compression.py's file is there.
+# `python bench/fig5.py`, the simulator's validation from
+# `python -m mpibelief.simulate.validate --overwrite` (several minutes), the compression
+# figure if bench/compression.py's file is there.
 figures: $(STAMP)
 	$(BIN)/python -m mpibelief plot fig3 results/fig3_measured.h5 --out results/fig3.png
 	$(BIN)/python -m mpibelief plot fig4 results/fig4.h5 --out results/fig4.png
 	$(BIN)/python -m mpibelief plot fig5 results/fig5.h5 --out results/fig5.png
+	$(BIN)/python -m mpibelief plot validation results/sim_validation.h5 --out results/sim_validation.png
 	if [ -f results/compression.h5 ]; then \
 	  $(BIN)/python -m mpibelief plot compression results/compression.h5; fi
 

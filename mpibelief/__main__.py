@@ -28,6 +28,7 @@ EPILOG = """examples:
   python -m mpibelief simulate configs/demo.toml --set layout.replicas=8 --calibrate
   python -m mpibelief plot fig3 results/fig3_measured.h5 --out results/fig3.png
   python -m mpibelief plot fig4 results/fig4.h5 --out results/fig4.png
+  python -m mpibelief plot validation results/sim_validation.h5
 """
 
 
@@ -57,11 +58,13 @@ def _parser() -> argparse.ArgumentParser:
     simulate_cli.add_parser(sub, with_config)
 
     plot = sub.add_parser("plot", help="draw figures from result files")
-    plot.add_argument("figure", choices=["accuracy", "compression", "fig3", "fig4", "fig5"],
+    plot.add_argument("figure", choices=["accuracy", "compression", "fig3", "fig4", "fig5",
+                                         "validation"],
                       help="accuracy: result files against time; compression: the"
                            " file bench/compression.py wrote; fig3: the file"
                            " bench/model_parallel.py wrote (default out: fig3.png beside it);"
-                           " fig4, fig5: the files bench/fig4.py, bench/fig5.py wrote")
+                           " fig4, fig5: the files bench/fig4.py, bench/fig5.py wrote;"
+                           " validation: the file python -m mpibelief.simulate.validate wrote")
     plot.add_argument("runs", nargs="+", help="HDF5 result files")
     plot.add_argument("--out", help="PNG to write (default: beside the first run)")
     return p
@@ -154,6 +157,10 @@ def cmd_plot(args) -> int:
         from mpibelief.plots.fig3 import plot_fig3
 
         out = plot_fig3(args.runs[0], args.out)
+    elif args.figure == "validation":
+        from mpibelief.plots.validation import plot_validation
+
+        out = plot_validation(args.runs[0], args.out)
     elif args.figure == "compression":
         from mpibelief.plots.compression import plot_compression
 

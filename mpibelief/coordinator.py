@@ -93,6 +93,7 @@ class Coordinator:
         self.lost: set[int] = set()  # failed workers, whose reports are not waited for
         self.stopped_by: str | None = None  # "SIGTERM" when the run was told to end
         self.error: UserError | None = None  # divergence: raised once all have stopped
+        self.cpu_seconds = 0.0  # process CPU in watch(): mostly its evaluations
 
     def elapsed(self) -> float:
         """Run seconds, continuing across a resume."""
@@ -129,6 +130,7 @@ class Coordinator:
         watchdog = _Watchdog(self, workers)
         next_eval, next_ckpt = 0.0, self.cfg.checkpoint.every or float("inf")
         stop_at = None  # clock time the stop was sent
+        cpu = self.clock.cpu()
         while pending:
             for rank in sorted(pending):
                 done, message = try_recv(comm, rank, Tag.REPORT)  # any size
@@ -153,6 +155,7 @@ class Coordinator:
             watchdog.check(pending, stopping=stop_at is not None)
             if pending:
                 self.clock.sleep(min(0.02, max(next_eval - now, 0.0)))
+        self.cpu_seconds += self.clock.cpu() - cpu
         return reports
 
     def _should_stop(self) -> bool:

@@ -40,14 +40,19 @@ File layout (``mpibelief plot`` and the figure scripts read nothing else)::
     /ranks/<name>        one entry per rank: rank, samples (trained on), train_seconds
                          (wall time in the training loop; a shard's: serving),
                          compute_seconds (a shard's: applying updates), comm_seconds,
-                         wait_seconds (a shard's: idle), bytes_pushed, bytes_pulled.
+                         wait_seconds (a shard's: idle), bytes_pushed, bytes_pulled,
+                         cpu_seconds (process CPU time over train_seconds: below it
+                         where the rank waited or shared its core; Downpour's ranks,
+                         the coordinator's while it watched the replicas; 0 where
+                         not measured).
                          Sync SGD: comm_seconds is the gradient exchange (with encode
                          and decode, and waiting for the slowest replica), wait_seconds
                          the pauses for rank 0's evaluations; bytes_pushed is the
                          rank's share (4 n per step dense, its packets compressed),
                          bytes_pulled what it receives (4 n, or every rank's packets)
     /server/<name>       parameter-server runs only: shard_rank, applied, refused,
-                         bytes_in, busy_fraction (applying / serving time), one per
+                         bytes_in, busy_fraction (applying / serving time),
+                         apply_cpu_seconds (Downpour: CPU time applying), one per
                          shard; staleness (histogram: count of pushes by updates missed)
     /failures/<name>     replicas given up on: rank, seconds (run time), reason
     /sandblaster/<name>  Sandblaster runs only, one row per batch (L-BFGS step): loss_before,
@@ -111,6 +116,7 @@ class RankStats:
     wait_seconds: float = 0.0
     bytes_pushed: int = 0
     bytes_pulled: int = 0
+    cpu_seconds: float = 0.0
 
 
 COMPRESSION = ("rank", "step", "epoch", "tau", "fraction", "bytes_dense",

@@ -45,12 +45,13 @@ class WorkerStats:
     wait_seconds: float = 0.0
     bytes_pushed: int = 0
     bytes_pulled: int = 0
+    cpu_seconds: float = 0.0  # process CPU over train_seconds (a shared core gives less)
     compression: dict | None = None  # the compressor's log by column, when compressing
 
     def rank_stats(self) -> RankStats:
         return RankStats(self.rank, self.samples, self.train_seconds, self.compute_seconds,
                          self.comm_seconds, self.wait_seconds, self.bytes_pushed,
-                         self.bytes_pulled)
+                         self.bytes_pulled, self.cpu_seconds)
 
 
 class Replica:
@@ -157,7 +158,7 @@ class Replica:
         replica, stop it (:class:`~mpibelief.faults.ReplicaStoppedError`) or kill it.
         """
         for _ in range(steps):
-            tick = self.clock.now()
+            tick, cpu = self.clock.now(), self.clock.cpu()
             if tick >= deadline or (stop is not None and stop()):
                 break
             compute = self.stats.compute_seconds
@@ -165,6 +166,7 @@ class Replica:
             if self.injector is not None:
                 self.injector.after_step(self.stats.steps, self.stats.compute_seconds - compute)
             self.stats.train_seconds += self.clock.now() - tick
+            self.stats.cpu_seconds += self.clock.cpu() - cpu
 
     def finish(self) -> WorkerStats:
         """Push a partial gradient sum; return the stats with the store's counters."""

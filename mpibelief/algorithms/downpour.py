@@ -202,7 +202,7 @@ def coordinate(ctx) -> dict:
 def _close(ctx, coord, client, reports: dict, shard_stats: list) -> dict:
     """Last sample, tables, the status line; raises a divergence after recording it."""
     row = coord.finish()
-    _write_tables(ctx.writer, client, reports, shard_stats, ctx.layout)
+    _write_tables(ctx.writer, client, reports, shard_stats, ctx.layout, coord.cpu_seconds)
     coord.record_failures()
     applied = sorted({s.applied for s in shard_stats})
     refused = sorted({s.refused for s in shard_stats})
@@ -303,13 +303,15 @@ def mean_staleness(shard_stats) -> float:
     return float((hist * np.arange(len(hist))).sum() / max(hist.sum(), 1))
 
 
-def _write_tables(writer, client, reports: dict, shard_stats: list, lay) -> None:
+def _write_tables(writer, client, reports: dict, shard_stats: list, lay,
+                  coordinator_cpu: float = 0.0) -> None:
     """``/ranks`` (one row per rank that reported, coordinator first) and ``/server``."""
     cs = client.stats
     rows = [RankStats(lay.coordinator_rank, comm_seconds=cs.pull_seconds,
-                      wait_seconds=cs.wait_seconds, bytes_pulled=cs.bytes_pulled)]
-    rows += [RankStats(s.rank, 0, s.wall_seconds, s.busy_seconds, 0.0, s.idle_seconds)
-             for s in shard_stats]
+                      wait_seconds=cs.wait_seconds, bytes_pulled=cs.bytes_pulled,
+                      cpu_seconds=coordinator_cpu)]
+    rows += [RankStats(s.rank, 0, s.wall_seconds, s.busy_seconds, 0.0, s.idle_seconds,
+                       cpu_seconds=s.cpu_seconds) for s in shard_stats]
     rows += [w.rank_stats() for _, w in sorted(reports.items())]
     writer.write_ranks(rows)
     logs = [w.compression for _, w in sorted(reports.items()) if w.compression is not None]
@@ -331,6 +333,7 @@ def server_table(lay, shard_stats: list, busy=None) -> dict:
         "bytes_in": [s.bytes_in for s in shard_stats],
         "busy_fraction": busy if busy is not None else [s.busy_fraction
                                                         for s in shard_stats],
+        "apply_cpu_seconds": [s.busy_cpu_seconds for s in shard_stats],
     }
 
 

@@ -144,17 +144,20 @@ class ShardServer:
         """Consume every published slot found in one snapshot of loads; returns how many."""
         words = self.inbox.local_words()
         clients, depth = words.shape
-        done = 0
+        done, cpu = 0, None
         for i in range(clients):
             c = (self.first + i) % clients
             for _ in range(depth):
                 if not words[c, self.expect[c]]:
                     break
+                cpu = self.clock.cpu() if cpu is None else cpu
                 # A load saw it published; the exact word (kind, version) by one atomic.
                 word = self.inbox.read_word(self.rank, self.inbox.word_offset(c, self.expect[c]))
                 self.consume(c, self.expect[c], word)
                 self.expect[c] = (self.expect[c] + 1) % depth
                 done += 1
+        if cpu is not None:
+            self.state.stats.busy_cpu_seconds += self.clock.cpu() - cpu
         self.first = (self.first + 1) % max(clients, 1)
         return done
 

@@ -57,6 +57,7 @@ class ShardStats:
         busy_seconds: loop time spent consuming pushes; idle_seconds: the rest of it.
         reader_wait_seconds: part of busy, waiting for pulls to leave a buffer.
         cpu_seconds: process CPU time inside ``serve`` (idle must stay far below wall).
+        busy_cpu_seconds: the part of it spent consuming pushes (the apply's CPU).
     """
 
     shard: int
@@ -71,6 +72,7 @@ class ShardStats:
     idle_seconds: float = 0.0
     reader_wait_seconds: float = 0.0
     cpu_seconds: float = 0.0
+    busy_cpu_seconds: float = 0.0
     wall_seconds: float = 0.0
 
     def record_staleness(self, stale: int) -> None:

@@ -15,23 +15,24 @@ synchronous SGD, the exchange's arithmetic: :mod:`.exchange_work`, ``work_*``):
   raw ping-pong, so the protocol's own costs are in the fit.
 
 Two refinements for a machine whose cores are shared (this workstation: 2 cores, load
-5-15 from other work), where a simulated rank cannot be given a core of its own:
+3-13 from other work), where a simulated rank cannot be given a core of its own:
 
-- ``concurrency`` k: the compute timing runs in k processes at once (forked, each on
-  its own model), so the per-sample cost is what each of k replicas gets when they
-  share the cores.  On a cluster with a core per rank, k = 1.
 - ``run``: a real Downpour result file (a short ``R1_S1`` run made just before) from
-  which the per-sample compute, the effective per-message cost and the shard's apply
-  cost are taken, as the run's ``/ranks`` and ``/server`` tables measured them.  The
-  compute timing then only gives the contention ratio and the spread: measured here,
-  20 timed steps gave 28 and then 100 us per sample one minute apart (the machine's
-  load comes in bursts), so a few seconds of real training are the steadier level.
-  Measured here too: in training a pull or push of 2 MiB costs 0.7 to 3 ms (a
-  replica descheduled inside MPI waits for a time slice), against 0.07 ms in
-  ``bench/rma.py`` with the shard idle; the micro-benchmark alone would make the
-  simulated replicas 15-40% too fast.  Both are scaled by
-  the measured contention (k-process over 1-process compute time), since on shared
-  cores the copies and the shard's update wait for the CPU as the kernels do.
+  which every cost is taken in CPU seconds, as the run's ``/ranks/cpu_seconds`` and
+  ``/server/apply_cpu_seconds`` measured them (:func:`from_run`), with the background
+  load the replica's share of a core implies.  The simulator then shares the machine's
+  cores among its ranks and that background (:mod:`.cores`), so the costs must not
+  carry the contention of the run they came from: CPU seconds do not, wall seconds
+  did (a replica's compute took 2-5x its CPU time here, with the other ranks and jobs).
+  The compute timing then only gives the spread.  Measured here: in training a step's
+  pull and push of 2 MiB each cost 0.6-1.1 ms of CPU and 2-8 ms of wall (MPICH calls
+  ``sched_yield`` inside them: strace counted 2924 calls in 3 s of one replica, about
+  20 a step, and on a busy machine each may hand the core away), against 0.07 ms each
+  in ``bench/rma.py`` with the shard idle.
+- ``concurrency`` k (older calibrations, no ``run``): the compute timing runs in k
+  processes at once (forked, each on its own model), and every cost is scaled by the
+  measured contention (k-process over 1-process compute time).  On a cluster with a
+  core per rank, k = 1.
 
 Medians, because this machine is shared: a burst of load on one timed step must not
 set the simulated speed of every step.  The file (``results/calibration.h5``) holds the
@@ -52,9 +53,11 @@ import numpy as np
 from mpibelief.errors import UserError
 from mpibelief.simulate import exchange_work
 from mpibelief.simulate.cluster import Costs
+from mpibelief.simulate.cores import Machine
 
 FIELDS = ("compute_per_sample", "apply_per_param", "latency", "bandwidth")
-OPTIONAL = ("first_step", "shard_links")  # read as 0 from files written before them
+# read as 0 (False) from files written before them
+OPTIONAL = ("first_step", "shard_links", "evaluation", "descheduled")
 SPREAD = "timings/spread"
 
 
@@ -69,16 +72,17 @@ x = np.random.default_rng(0).standard_normal((batch, n_in)).astype(np.float32)
 y = np.zeros(batch, np.int32)
 took = []
 for _ in range(4):
-    tick = time.perf_counter()
+    tick = time.process_time()
     model.loss_and_grad(x, y)
-    took.append(time.perf_counter() - tick)
+    took.append(time.process_time() - tick)
 print(took[0] - float(np.median(took[1:])))
 """
 
 
 def first_step_seconds(cfg, n_in: int, n_out: int) -> float:
     """What a fresh process's first step costs over the others (loading the compiled
-    kernels; measured 0.6 s against 8 ms here), timed in a fresh interpreter."""
+    kernels), timed in a fresh interpreter, in CPU seconds: measured here 0.42 s three
+    times in a row while its wall time was 0.5, 1.1 and 1.2 s at load 7."""
     import subprocess
     import sys
     import tempfile
@@ -142,28 +146,93 @@ def time_compute_concurrent(model, data, batch: int, k: int, steps: int = 20) ->
     return np.concatenate(found)
 
 
-def from_run(path: Path, bandwidth: float) -> dict:
-    """Effective per-message cost and apply cost measured in a real Downpour run."""
+def from_run(path: Path, bandwidth: float, cores: int | None = None,
+             latency: float = 0.0) -> dict:
+    """Compute, message, apply and evaluation costs measured in a real Downpour run, and
+    the background load it met on this machine's ``cores`` (default: its own count).
+
+    From a run whose ``/ranks`` has ``cpu_seconds`` (every Downpour run now), the costs
+    are CPU seconds, what the simulator's phases are (:mod:`.cores`):
+
+    - a replica was runnable for its training time less its waits for a free inbox
+      slot, and got ``share = cpu / runnable`` of a core; its CPU is split between
+      compute and messages as its wall time was (so the messages carry what waiting for
+      a time slice inside MPI costs: in thread CPU time they were 0.64-1.09 ms a step
+      in four runs, by this split 1.3-1.8 ms, and only the split makes the simulated
+      steps as long as the real ones);
+    - the messages' CPU is put on their bytes (``bandwidth``; ``latency`` stays the
+      micro-benchmark's), not on their count: measured in thread CPU time, a step's
+      pull and push cost 0.64-0.78 ms with one shard and 0.86-1.09 ms with two (the
+      same bytes in twice the messages), where a cost per message would double;
+    - a shard's CPU applying (``/server/apply_cpu_seconds``) per push is the apply
+      cost (its idle polling, 0.2-1 s a run, left out: it is spread thin), the
+      coordinator's CPU in its watch loop per evaluation the evaluation cost;
+    - from a run of one replica and one shard, the share of its pushes applied before
+      its next pull (staleness 0, the first push aside) is ``descheduled``, the chance
+      that the replica lost its core in the one MPI call between push and pin for
+      longer than the shard took to apply (:class:`~.cluster.Cluster`).
+
+    The background: each other rank worked ``cpu / share`` of the replicas' training
+    time ``T`` (at the same share, on shared cores), so with ``active`` ranks working on
+    average::
+
+        share = cores / (active + background)  =>  background = cores / share - active
+
+    (0 when the replica had a core to itself, share near 1).  Checked against the other
+    sessions sampled during four real runs (:mod:`.background`): 7.7 sampled for 7.7
+    implied, 8.4 for 8.1, 8.8 for 7.6, 9.3 for 8.5.  From an older file without
+    ``cpu_seconds``: wall seconds, the messages' cost on their count, no background.
+    """
+    names = ("rank", "samples", "comm_seconds", "compute_seconds", "train_seconds",
+             "wait_seconds", "cpu_seconds")
     try:
         with h5py.File(path, "r") as f:
-            r = {k: f[f"ranks/{k}"][()] for k in ("rank", "samples", "comm_seconds",
-                                                 "compute_seconds")}
+            r = {k: f[f"ranks/{k}"][()] for k in names if f"ranks/{k}" in f}
             shard_ranks, applied = f["server/shard_rank"][()], f["server/applied"][()]
+            apply_cpu = f["server/apply_cpu_seconds"][()] if "server/apply_cpu_seconds" in f \
+                else None
+            staleness = f["server/staleness"][()] if "server/staleness" in f else np.zeros(1)
             n, batch = int(f.attrs["n_params"]), _batch(f.attrs["config"])
+            evaluations = len(f["metrics/samples"]) - 1 if "metrics/samples" in f else 0
     except (OSError, KeyError) as exc:
         raise UserError(f"cannot calibrate from run {path}: {exc}") from None
-    replicas = r["samples"] > 0
-    steps = r["samples"][replicas] / batch
-    comm_step = float(np.mean(r["comm_seconds"][replicas] / steps))
-    S = len(shard_ranks)
-    latency = (comm_step - 2 * 4 * n / bandwidth) / (2 * S)  # a pull and a push per shard
-    busy = r["compute_seconds"][np.isin(r["rank"], shard_ranks)]
-    apply = float(np.sum(busy) / np.sum(applied) / (n / S))
-    compute = float(np.sum(r["compute_seconds"][replicas]) / np.sum(r["samples"][replicas]))
-    return {"run_comm_step_seconds": comm_step, "latency": max(latency, 0.0),
-            "compute_per_sample": compute,
-            "replica_samples": float(np.mean(r["samples"][replicas])),
-            "apply_per_param": apply, "run_file": str(path)}
+    replicas, shards = r["samples"] > 0, np.isin(r["rank"], shard_ranks)
+    steps, S = r["samples"][replicas] / batch, len(shard_ranks)
+    found = {"replica_samples": float(np.mean(r["samples"][replicas])), "run_file": str(path)}
+    cpu = r.get("cpu_seconds")
+    if cpu is None or not cpu[replicas].all():  # wall seconds; messages by their count
+        comm_step = float(np.mean(r["comm_seconds"][replicas] / steps))
+        latency = (comm_step - 2 * 4 * n / bandwidth) / (2 * S)  # a pull, a push per shard
+        found.update({"run_comm_step_seconds": comm_step, "latency": max(latency, 0.0),
+                      "compute_per_sample": float(np.sum(r["compute_seconds"][replicas])
+                                                  / np.sum(r["samples"][replicas])),
+                      "apply_per_param": float(np.sum(r["compute_seconds"][shards])
+                                               / np.sum(applied) / (n / S))})
+        return found
+    train, wait = r["train_seconds"][replicas], r["wait_seconds"][replicas]
+    comm = r["comm_seconds"][replicas]
+    share = float(np.sum(cpu[replicas]) / np.sum(train - wait))
+    compute_cpu = cpu[replicas] * (train - comm) / (train - wait)
+    comm_step = float(np.mean(cpu[replicas] * (comm - wait) / (train - wait) / steps))
+    others = float(np.sum(cpu[~replicas]) / share / np.mean(train))
+    if apply_cpu is None or not np.all(apply_cpu > 0):
+        apply_cpu = cpu[shards]  # the whole serving loop's: idle polling too
+    cores = cores or len(os.sched_getaffinity(0))
+    background = cores / share - int(replicas.sum()) - others if share < 0.95 else 0.0
+    apply_per_param = float(np.sum(apply_cpu) / np.sum(applied) / (n / S))
+    if replicas.sum() == 1 and S == 1 and staleness.sum() > 1:  # the race it measures
+        # staleness 0: the pull came after the push was applied (the first push: always)
+        found["descheduled"] = max(float(staleness[0]) - 1, 0.0) / (staleness.sum() - 1)
+    bytes_time = comm_step - 2 * S * latency  # 2 x 4n bytes a step: a pull and a push
+    found.update({
+        "run_comm_step_seconds": comm_step, "latency": latency,
+        "bandwidth": 2 * 4 * n / bytes_time if bytes_time > 0 else bandwidth,
+        "compute_per_sample": float(np.sum(compute_cpu) / np.sum(r["samples"][replicas])),
+        "apply_per_param": apply_per_param,
+        "evaluation": float(np.sum(cpu[~replicas & ~shards])) / max(evaluations, 1),
+        "share": share, "active_others": others, "machine_cores": cores,
+        "background": max(float(background), 0.0)})
+    return found
 
 
 def _batch(toml_text: str) -> int:
@@ -219,9 +288,10 @@ def measure(cfg, data, rma: Path, steps: int = 20, concurrency: int = 1,
     raw.update(exchange_work.measure(model.n_params, cfg.compression).scaled(contention).attrs())
     apply_per_param = float(np.median(apply)) / model.n_params
     if run is not None:
-        measured = from_run(Path(run), bandwidth)
+        measured = from_run(Path(run), bandwidth, latency=latency)
         raw.update(measured)
         latency, apply_per_param = measured["latency"], measured["apply_per_param"]
+        bandwidth = measured.get("bandwidth", bandwidth)
     # The spread has mean 1, so the mean step is the calibrated one (a median-normalised
     # spread of this machine's skewed timings made simulated steps 2-3x too slow).
     median = float(np.median(compute))
@@ -232,17 +302,24 @@ def measure(cfg, data, rma: Path, steps: int = 20, concurrency: int = 1,
                                       0.2 * measured["compute_per_sample"])
     costs = Costs(per_sample, apply_per_param * contention, latency * contention,
                   bandwidth, tuple(float(v) for v in np.sort(compute) / np.mean(compute)),
-                  first)
+                  first, evaluation=raw.get("evaluation", 0.0),
+                  descheduled=raw.get("descheduled", 0.0))
     return costs, raw
 
 
 def write(path: Path, costs: Costs, raw: dict) -> None:
-    """``path``: the costs as root attributes, raw timings under ``/timings``, stamped."""
+    """``path``: the costs as root attributes, raw timings under ``/timings``, stamped.
+
+    A raw figure named as a cost (the run's compute per sample, before the first step
+    is taken out) is kept as ``run_<name>``: the cost is what :func:`read` returns.
+    """
     from mpibelief.results import stamp
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    attrs = {name: getattr(costs, name) for name in FIELDS + OPTIONAL}
-    attrs.update({k: v for k, v in raw.items() if not isinstance(v, np.ndarray)})
+    names = FIELDS + OPTIONAL
+    attrs = {f"run_{k}" if k in names else k: v for k, v in raw.items()
+             if not isinstance(v, np.ndarray)}
+    attrs.update({name: getattr(costs, name) for name in names})
     attrs["loadavg_1min"] = os.getloadavg()[0]
     attrs["cpus"] = os.cpu_count() or 0
     with h5py.File(path, "w") as f:
@@ -253,14 +330,25 @@ def write(path: Path, costs: Costs, raw: dict) -> None:
         f.create_dataset(SPREAD, data=np.array(costs.spread, np.float64))
 
 
+def machine(path: Path) -> Machine:
+    """The machine a calibration from a run measured: its cores, shared with the
+    background load the run met (:func:`from_run`)."""
+    try:
+        with h5py.File(path, "r") as f:
+            return Machine(int(f.attrs["machine_cores"]), float(f.attrs["background"]))
+    except (OSError, KeyError) as exc:
+        raise UserError(f"{path} measured no machine (calibrate from a real run that"
+                        f" records /ranks/cpu_seconds): {exc}") from None
+
+
 def read(path: Path) -> Costs:
     """The costs a calibration file holds (one-line error if it is not one)."""
     try:
         with h5py.File(path, "r") as f:
             spread = tuple(f[SPREAD][()]) if SPREAD in f else ()
             return Costs(*(float(f.attrs[name]) for name in FIELDS), spread=spread,
-                         first_step=float(f.attrs.get("first_step", 0.0)),
-                         shard_links=bool(f.attrs.get("shard_links", False)))
+                         **{k: (bool if k == "shard_links" else float)(f.attrs.get(k, 0))
+                            for k in OPTIONAL})
     except (OSError, KeyError) as exc:
         raise UserError(f"cannot read calibration {path}: {exc}"
                         " (make one with: mpibelief simulate CONFIG --calibrate)") from None

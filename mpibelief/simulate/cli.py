@@ -35,6 +35,10 @@ def add_parser(sub, with_config) -> None:
                    help="multiply a shard's apply time (repeatable), e.g. 0:10")
     q.add_argument("--fail", action="append", default=[], metavar="REPLICA@SECONDS",
                    help="stop a replica at that simulated time (repeatable), e.g. 1@30")
+    q.add_argument("--cores", type=int, metavar="N",
+                   help="the ranks share N cores (default: a core per rank, a cluster)")
+    q.add_argument("--background", type=float, default=0.0, metavar="B",
+                   help="with --cores: B other runnable processes share them too")
 
 
 def faults_of(args, shards: int):
@@ -55,6 +59,21 @@ def faults_of(args, shards: int):
     return Faults(fraction, slowdown, tuple(slow), fail)
 
 
+def machine_of(args):
+    """The :class:`~mpibelief.simulate.cores.Machine` of ``--cores`` and ``--background``
+    (None without ``--cores``: a core per rank, and any algorithm's simulator)."""
+    from mpibelief.simulate.cores import Machine
+
+    if args.cores is None and args.background:
+        raise ConfigError("simulate: --background needs --cores")
+    if args.cores is None:
+        return None
+    try:
+        return Machine(args.cores, args.background)
+    except ValueError as exc:
+        raise ConfigError(f"simulate: {exc}") from None
+
+
 def cmd_simulate(args, cfg) -> int:
     from mpibelief.simulate import calibrate
     from mpibelief.simulate.run import check, simulate
@@ -72,7 +91,11 @@ def cmd_simulate(args, cfg) -> int:
               f" {costs.latency * 1e6:.1f} us + bytes at {costs.bandwidth / 1e9:.1f} GB/s"
               f" -> {calibration}", flush=True)
     out = Path(args.out) if args.out else Path(cfg.run.results_dir) / f"{cfg.run.name}_sim.h5"
-    row = simulate(cfg, out, calibration, faults_of(args, cfg.layout.shards), args.overwrite)
+    machine = machine_of(args)
+    if machine is not None and cfg.run.algorithm != "downpour":
+        raise ConfigError("simulate: --cores is modelled for run.algorithm = 'downpour' only")
+    row = simulate(cfg, out, calibration, faults_of(args, cfg.layout.shards), args.overwrite,
+                   machine=machine)
     print(f"mpibelief: simulated {row['wall_seconds']:.1f} s: test accuracy"
           f" {row['test_accuracy']:.4f} after {int(row['samples'])} samples; wrote {out}",
           flush=True)

@@ -44,14 +44,49 @@ in one line, with deterministic ordering of simultaneous events (by time, then
 creation order); a hand-written loop would re-implement them.  SimPy is pure Python,
 small and maintained (4.x); it is the only dependency the simulator adds.
 
+Cores (``machine``, :mod:`.cores`): by default every rank has a core of its own, and
+every phase lasts its cost.  Given a machine with fewer cores (this workstation), every
+phase above is CPU work on those cores, shared fairly by the ranks working at that moment
+and the machine's other processes: a transfer is then a copy by the replica's core (MPI's
+shared memory), and the coordinator, which evaluates the shards' parameters every
+``eval_every`` seconds (after the last evaluation ends, as ``Coordinator.watch`` does),
+takes its share too.  A shard's apply is urgent work (it takes a core at once): a shard
+sleeps between pushes, and the scheduler runs such a short burst ahead of the ranks that
+compute all the time.  So R + S + 1 ranks on 2 cores slow each other as real ones do.
+
+Who reads a push first on a shared machine, the shard or its replica's next pull, is a
+race that decides the staleness, and the staleness the accuracy (measured: one replica
+whose pulls always came after its push was applied reached 3-9 points more test accuracy
+mid-run than one whose pulls always came before).  Three things decide it, as measured
+on the real ranks (timestamps in the client and the shard, 461 pushes, load 4):
+
+- a replica pins the shards one after another, each after the Get before it (0.09 and
+  0.21 ms after its push, medians: at full speed, not at a fair share's);
+- an idle shard notices a push at its next poll (it sleeps up to 1 ms between polls:
+  ``ShardServer.serve``'s backoff; the apply started 0.84 ms after the push, median);
+  here a uniform delay in ``[0, SHARD_POLL)`` when the shard is idle;
+- the replica is sometimes off its core right after an MPI call (MPICH calls
+  ``sched_yield`` inside one-sided calls, about 20 times a step, and on a busy machine
+  the core goes to another process for its time slice): the pin came after 1.35 ms
+  (shard 0) or 2.17 ms (shard 1) in one pull in ten, late enough for the shard to
+  apply first (9% and 19% of pulls: shard 1 is pinned after two such calls, shard 0
+  after one).  Here the pull reads every shard when it starts, except that after the
+  push, and after each pin, with chance ``costs.descheduled`` the replica reads the
+  next shards only once they have applied its push; the chance is the share of such
+  pulls in the calibration run (one replica, one shard: one call between push and pin,
+  :func:`.calibrate.from_run`).  Two simpler models made too many such pulls (49% of a
+  two-shard run's, where the real run had 15%): an exponential delay of the same mean
+  (the real delay is nearly always short, now and then a whole time slice), and pins
+  paced by the Gets at a fair share of a core (the Gets run at full speed).
+
 Contention on network links is modelled only at the shards, and only with
 ``Costs.shard_links``: each shard's link then carries one transfer at a time per
 direction.  A replica's own transfers are sequential anyway (with P partitions, each
 partition's).  Not modelled (each would need a measurement to calibrate it first):
 the network's core (any two links can talk at full speed) and the coordinator's own
-costs (evaluation takes no simulated time).  A replica of P partitions computes the
-whole model's gradient (the same math); only its step time and parallel transfers
-see P (:mod:`.partitioned`).
+costs on a machine with a core per rank (there it slows nobody).  A replica of P
+partitions computes the whole model's gradient (the same math); only its step time and
+parallel transfers see P (:mod:`.partitioned`).
 """
 
 from __future__ import annotations
@@ -64,7 +99,10 @@ import simpy
 from mpibelief.optim import all_finite
 from mpibelief.ps.memory import MemoryServer
 from mpibelief.ps.state import GRADIENT, REFUSED
+from mpibelief.simulate.cores import Cores, Machine
 from mpibelief.simulate.partitioned import transfer_seconds
+
+SHARD_POLL = 1e-3  # seconds an idle shard sleeps between polls (ShardServer.serve's backoff)
 
 
 @dataclass(frozen=True)
@@ -86,6 +124,14 @@ class Costs:
             direction (pulls out, pushes in), so replicas talking to one shard share
             its bandwidth, as on a cluster's network; False: transfers are
             independent (shared memory, where the validation runs).
+        evaluation: the coordinator's CPU seconds per evaluation (costs a shared
+            machine's cores only; see ``Cluster.machine``).
+        descheduled: on a shared machine, the chance that a replica, after one of its
+            MPI calls (a push's last flush, a pin), is off its core until the shards
+            have applied its push (see ``Cluster``).
+
+    Every cost is CPU time on a core of its own: on a shared machine
+    (:class:`~mpibelief.simulate.cores.Machine`) a phase takes longer.
     """
 
     compute_per_sample: float
@@ -95,6 +141,8 @@ class Costs:
     spread: tuple[float, ...] = ()
     first_step: float = 0.0
     shard_links: bool = False
+    evaluation: float = 0.0
+    descheduled: float = 0.0
 
     def transfer(self, nbytes: int) -> float:
         return self.latency + nbytes / self.bandwidth
@@ -178,6 +226,8 @@ class Cluster:
         steps: each replica's steps (replica 0's include the warmstart).
         warmstart: steps replica 0 makes alone before the others start.
         seed: the straggler draws.
+        machine: the cores the ranks run on (default: a core per rank).
+        eval_every: seconds between the coordinator's evaluations (a shared machine's).
     """
 
     server: MemoryServer
@@ -188,9 +238,13 @@ class Cluster:
     faults: Faults = field(default_factory=Faults)
     warmstart: int = 0
     seed: int = 0
+    machine: Machine = field(default_factory=Machine)
+    eval_every: float = 0.0
 
     def __post_init__(self):
         self.env = simpy.Environment()
+        m = self.machine
+        self.cores = None if m.cores is None else Cores(self.env, m.cores, m.background)
         n = len(self.server.states)
         self.shards = [simpy.Resource(self.env, capacity=1) for _ in range(n)]
         self.times = [ShardTimes() for _ in range(n)]
@@ -208,6 +262,8 @@ class Cluster:
         self.ended = 0
         for r in range(len(self.replicas)):
             self.env.process(self._replica(r))
+        if self.cores is not None and self.costs.evaluation > 0 and self.eval_every > 0:
+            self.env.process(self._coordinator())
 
     def run(self, seconds: float = float("inf")) -> None:
         """Advance simulated time by ``seconds``, or less if every replica ends first
@@ -222,6 +278,19 @@ class Cluster:
     @property
     def finished(self) -> bool:
         return self.all_done.triggered
+
+    def _busy(self, seconds: float, urgent: bool = False):
+        """``seconds`` of one rank's CPU work: on its own core, or on the shared ones."""
+        if self.cores is None:
+            yield self.env.timeout(seconds)
+        else:
+            yield from self.cores.work(seconds, urgent)
+
+    def _coordinator(self):
+        """Evaluations on the shared cores, ``eval_every`` apart, while replicas train."""
+        while not self.all_done.triggered:
+            yield from self._busy(self.costs.evaluation)
+            yield self.env.timeout(self.eval_every)
 
     def _replica(self, r: int):
         yield from self._life(r)
@@ -253,10 +322,13 @@ class Cluster:
 
     def _phase(self, r: int, name: str):
         rep, c = self.replicas[r], self.costs
+        tick = self.env.now
         if name == "fetch":
-            tick = self.env.now
-            if self.links is None:  # one timeout: each partition's Gets follow one another
-                yield self.env.timeout(transfer_seconds(c, self.stores[r].pieces))
+            for s, part in enumerate(self.stores[r].parts):
+                if s and self.cores is not None:  # pinned after another MPI call
+                    yield from self._descheduled(r, [part], s)
+            if self.links is None:  # each partition's Gets follow one another
+                yield from self._busy(transfer_seconds(c, self.stores[r].pieces))
             else:  # per shard, through its link (partitions' Gets in turn here)
                 for group in self.stores[r].pieces:
                     for shard, size in group:
@@ -271,14 +343,28 @@ class Cluster:
                 seconds *= self.faults.straggler_slowdown
             if rep.stats.steps == 1:  # the step just computed was its first
                 seconds += c.first_step
-            rep.stats.compute_seconds += seconds
-            yield self.env.timeout(seconds)
+            yield from self._busy(seconds)
+            rep.stats.compute_seconds += self.env.now - tick
         elif name == "push":
             pending = self.stores[r].take()
             if pending is not None:
-                tick = self.env.now
                 yield from self._put(r, pending)
+                if self.cores is not None:
+                    yield from self._descheduled(r, self.stores[r].parts)
                 rep.stats.comm_seconds += self.env.now - tick
+
+    def _descheduled(self, r: int, parts, pin: int | None = None):
+        """With chance ``costs.descheduled``, replica ``r`` is off its core until those
+        shards have applied its last push (it yielded its core in an MPI call); then,
+        given the position ``pin`` of a shard in its pull, it reads that shard anew."""
+        if self.costs.descheduled and self.rng.random() < self.costs.descheduled:
+            pending = [self.slots[r][p.rank] for p in parts]
+            yield simpy.AllOf(self.env, [e for e in pending if e is not None])
+            if pin is not None:  # its fetch read every shard at its start: this one now
+                part, rep = parts[0], self.replicas[r]
+                state, size = self.server.states[part.rank], part.local.stop - part.local.start
+                rep.params[part.local] = state.current[part.offset:part.offset + size]
+                rep.versions[pin] = state.version
 
     def _put(self, r: int, pending: Pending):
         """Put every shard's piece, then publish them all; the shards apply them later.
@@ -319,7 +405,7 @@ class Cluster:
         latency (software and wire delay) does not hold the link."""
         c = self.costs
         if self.links is None:
-            yield self.env.timeout(c.transfer(nbytes))
+            yield from self._busy(c.transfer(nbytes))
             return
         yield self.env.timeout(c.latency)
         with self.links[shard][way].request() as turn:
@@ -330,6 +416,8 @@ class Cluster:
         """One push at shard ``part.rank``: queue, apply for its cost, then publish."""
         s = part.rank
         shard, times = self.shards[s], self.times[s]
+        if self.cores is not None and not shard.count and not shard.queue:
+            yield self.env.timeout(self.rng.uniform(0.0, SHARD_POLL))  # its next poll
         with shard.request() as turn:
             times.max_queue = max(times.max_queue, len(shard.queue) + 1)
             yield turn
@@ -337,8 +425,10 @@ class Cluster:
                       if s < len(self.faults.shard_slowdown) else 1.0)
             seconds = 0.0 if piece is None else \
                 piece.size * self.costs.apply_per_param * factor
-            yield self.env.timeout(seconds)
-            times.busy_seconds += seconds
+            tick = self.env.now
+            yield from self._busy(seconds, urgent=True)  # a shard wakes to apply: see Cores
+            times.busy_seconds += self.env.now - tick
+            self.server.states[s].stats.busy_cpu_seconds += seconds
             kind = REFUSED if piece is None else GRADIENT
             self.server.states[s].consume(kind, piece, part.offset, version, client, samples)
         applied.succeed()

@@ -8,12 +8,15 @@ is Downpour's.
 The run is the config's (``layout.shards`` shards, ``layout.replicas`` replicas, the
 same data, model, seeds, ``train`` and ``downpour`` tables as ``mpibelief train``), the
 file is the layout of :mod:`mpibelief.results`, and the coordinator's part is played
-here: every ``train.eval_every`` *simulated* seconds the shards' parameters are
-evaluated into ``/metrics`` (``wall_seconds`` is simulated seconds), and at the end
-``/ranks`` and ``/server`` (staleness histogram, busy fractions) are written.  The root
-attributes say ``simulated = True`` and name the calibration file the costs came from.
-Replicas of ``layout.partitions`` > 1: see :mod:`.partitioned` (``/ranks`` then has a
-row per partition, as a real run's, each with its replica's times and its own bytes).
+here: every ``train.eval_every`` *simulated* seconds (or, given ``sample_at``, once the
+samples applied reach each of those counts: sampling costs no simulated time) the
+shards' parameters are evaluated into ``/metrics`` (``wall_seconds`` is simulated
+seconds), and at the end ``/ranks`` and ``/server`` (staleness histogram, busy
+fractions) are written.  The root attributes say ``simulated = True``, name the
+calibration file the costs came from and the machine (``cores``: 0 for a core per rank;
+``background``; :mod:`.cores`).  Replicas of ``layout.partitions`` > 1: see
+:mod:`.partitioned` (``/ranks`` then has a row per partition, as a real run's, each with
+its replica's times and its own bytes).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from mpibelief.errors import ConfigError
 from mpibelief.simulate import calibrate, partitioned
 from mpibelief.simulate import sync as sync_sim
 from mpibelief.simulate.cluster import Cluster, Costs, Faults, SimStore
+from mpibelief.simulate.cores import Machine
 
 
 class SimClock:
@@ -51,11 +55,12 @@ def check(cfg) -> None:
 
 
 def simulate(cfg, out: Path, calibration: Path, faults: Faults | None = None,
-             overwrite: bool = False, start=None) -> dict:
+             overwrite: bool = False, start=None, **options) -> dict:
     """Run the config on its simulator; write ``out``; return the last ``/metrics`` row.
     ``start``: float32 parameters to begin from (a warmstart), where the simulator takes
-    one."""
-    extra = {} if start is None else {"start": start}
+    one; ``options`` (not None) the simulator's own, e.g. Downpour's ``machine``,
+    ``sample_at`` and ``seed`` (:func:`simulate_downpour`)."""
+    extra = {k: v for k, v in {"start": start, **options}.items() if v is not None}
     return _simulator(cfg)[1](cfg, out, calibration, faults, overwrite, **extra)
 
 
@@ -85,13 +90,16 @@ def check_downpour(cfg) -> None:
         raise ConfigError("simulate does not model compressed pushes yet")
 
 
-def build(cfg, data, costs: Costs, faults: Faults, start: np.ndarray | None = None):
+def build(cfg, data, costs: Costs, faults: Faults, start: np.ndarray | None = None,
+          machine: Machine | None = None, seed: int | None = None):
     """The coordinator's model, the shard states (loaded) and the cluster.  ``costs`` are
     a replica's (for P partitions: :func:`.partitioned.replica_costs`); the stores move
     each partition's range in parallel.
 
     ``start``: a parameter vector to start from instead of the seeded initialisation
-    (a shared warmstart, as every distributed run of the paper's Figure 4 had)."""
+    (a shared warmstart, as every distributed run of the paper's Figure 4 had);
+    ``machine``: the cores the ranks share (default: a core each); ``seed``: the
+    cluster's timing draws (default ``run.seed``)."""
     from mpibelief.algorithms.downpour import steps_per_replica
     from mpibelief.model import Model
     from mpibelief.optim import Optimizer
@@ -122,17 +130,23 @@ def build(cfg, data, costs: Costs, faults: Faults, start: np.ndarray | None = No
         warm = cfg.downpour.warmstart_steps if r == 0 else 0
         steps.append(steps_per_replica(cfg, len(shard.y_train)) + warm)
     cluster = Cluster(server, replicas, stores, costs, steps, faults,
-                      cfg.downpour.warmstart_steps, cfg.run.seed)
+                      cfg.downpour.warmstart_steps, cfg.run.seed if seed is None else seed,
+                      machine or Machine(), cfg.train.eval_every)
     clock.env = cluster.env
     return model, server, cluster
 
 
 def simulate_downpour(cfg, out: Path, calibration: Path, faults: Faults | None = None,
-                      overwrite: bool = False, start: np.ndarray | None = None) -> dict:
+                      overwrite: bool = False, start: np.ndarray | None = None,
+                      machine: Machine | None = None, sample_at=None,
+                      seed: int | None = None) -> dict:
     """Run the config on the simulated cluster; write ``out``; return the last row.
 
     ``start``: float32 parameters to start from (e.g. a shared warmstart) instead of
-    the seeded initialisation; the file then says ``started_from = "given vector"``."""
+    the seeded initialisation; the file then says ``started_from = "given vector"``.
+    ``machine``: the cores the ranks share (default: a core each); ``sample_at``:
+    samples-applied counts to evaluate at (default: every ``train.eval_every``);
+    ``seed``: the timing draws' (default ``run.seed``)."""
     from mpibelief.algorithms.downpour import method
     from mpibelief.coordinator import Evaluator
     from mpibelief.data import load_dataset
@@ -141,27 +155,28 @@ def simulate_downpour(cfg, out: Path, calibration: Path, faults: Faults | None =
     from mpibelief.results import ResultWriter
 
     check_downpour(cfg)
-    faults = faults or Faults()
+    faults, machine = faults or Faults(), machine or Machine()
     costs = calibrate.read(calibration)
     data = load_dataset(cfg.data)
     R, S, P = cfg.layout.replicas, cfg.layout.shards, cfg.layout.partitions
     replica, split = partitioned.replica_costs(costs, _shape(cfg, data), cfg.train.batch, P)
-    model, server, cluster = build(cfg, data, replica, faults, start)
+    model, server, cluster = build(cfg, data, replica, faults, start, machine, seed)
     lay = make_layout(1 + S + R * P, S, R, P)
     name = method(cfg, R)
     attrs = {"config": cfg.to_toml(), "algorithm": "downpour", "method": name,
              "world_size": lay.world, "roles": lay.table(), "dataset": data.name,
              "n_classes": data.n_classes, "n_params": model.n_params, "replicas": R,
              "simulated": True, "calibration": str(calibration),
-             **{f"cost_{k}": getattr(costs, k) for k in calibrate.FIELDS},
-             "faults": repr(faults), **split.attrs(),
+             **{f"cost_{k}": getattr(costs, k) for k in calibrate.FIELDS + calibrate.OPTIONAL},
+             "faults": repr(faults), **split.attrs(), "cores": machine.cores or 0,
+             "background": machine.background,
              "started_from": "init" if start is None else "given vector"}
     evaluate = Evaluator(data, cfg.train.eval_samples, cfg.run.seed)
     total = sum(cluster.steps) * cfg.train.batch
     with ResultWriter(out, attrs, overwrite) as writer:
         progress = Progress(total, f"{name} (simulated)")
         started = time.perf_counter()
-        row = _loop(cfg, cluster, server, model, evaluate, writer, progress)
+        row = _loop(cfg, cluster, server, model, evaluate, writer, progress, sample_at)
         progress.close()
         _tables(writer, lay, server, cluster)
         writer.set_attrs({"real_seconds": time.perf_counter() - started,
@@ -176,14 +191,23 @@ def _shape(cfg, data):
     return Model.from_config(cfg.model, data.n_inputs, data.n_classes, allocate=False)
 
 
-def _loop(cfg, cluster, server, model, evaluate, writer, progress) -> dict:
-    """Sample, advance ``eval_every`` simulated seconds, until the end or max_seconds."""
+def _loop(cfg, cluster, server, model, evaluate, writer, progress, at=None) -> dict:
+    """Sample at the start, every ``eval_every`` simulated seconds (or, given ``at``, once
+    the samples applied reach each of ``at``, looking every fiftieth of it) and at the
+    end or ``max_seconds``."""
     limit = cfg.train.max_seconds or float("inf")
-    while True:
-        row = _sample(cluster, server, model, evaluate, writer, progress)
-        if cluster.finished or cluster.env.now >= limit:
-            return row
-        cluster.run(min(cfg.train.eval_every, limit - cluster.env.now))
+    every = cfg.train.eval_every if at is None else cfg.train.eval_every / 50
+    targets = None if at is None else sorted(at)
+    row = _sample(cluster, server, model, evaluate, writer, progress)
+    while not (cluster.finished or cluster.env.now >= limit):
+        cluster.run(min(every, limit - cluster.env.now))
+        done = int(server.samples_applied()[1:].sum())
+        if targets is None or (targets and done >= targets[0]) or cluster.finished \
+                or cluster.env.now >= limit:
+            row = _sample(cluster, server, model, evaluate, writer, progress)
+            while targets and targets[0] <= done:
+                targets.pop(0)
+    return row
 
 
 def _sample(cluster, server, model, evaluate, writer, progress) -> dict:

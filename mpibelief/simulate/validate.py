@@ -1,44 +1,57 @@
 """Simulated against real: the same Downpour configs run both ways on this machine.
 
-For every ``R`` in ``--replicas`` and ``S`` in ``--shards``: calibrate once (in the same
-invocation, so the machine's load is the load the real runs meet), then for each case
-run it for real (``mpiexec -n 1+S+R python -m mpibelief train``, real MPI and windows)
-and simulated (:func:`mpibelief.simulate.run.simulate` with that calibration), and
-compare what the issue asks to agree:
+Calibrate once (:mod:`.calibrate`: a short real ``R1_S1`` run, ``--calibration-epochs``,
+gives every phase's CPU cost), then for every ``R`` in ``--replicas`` and ``S`` in
+``--shards`` run the case ``--runs`` times for real (``mpiexec -n 1+S+R python -m
+mpibelief train``, real MPI and windows) and as many times simulated
+(:func:`mpibelief.simulate.run.simulate`) on this machine's cores (:mod:`.cores`:
+``len(os.sched_getaffinity(0))``), shared by the 1 + S + R ranks and by the other
+sessions that wanted a core while real run ``j`` ran, sampled from ``/proc`` by
+:mod:`.background` (the other helpers' jobs come and go within seconds, so the load met
+before a run is not the load it meets); simulated run ``j`` draws its timing with seed
+``j``.  Nothing of a real run's own timing goes into a simulation: the costs come from
+the calibration run, the background from processes that are not the job's.
+
+The means are compared, because one asynchronous run is one draw: measured here, three
+real R2_S2 runs minutes apart differed by up to 2.04 points of test accuracy at the same
+samples in the compared half (R1_S2: 1.70), as far as the bound; four simulated R2_S2
+runs differing only in their timing seed, by up to 1.5.  Each simulated run is evaluated
+once it has applied as many samples as a real run had at each of its evaluations; the
+curves are compared at the first real run's evaluations (the others' interpolated
+there).
 
 =====================  ==================================================  ==========
 figure                 measured as                                         agreement
 =====================  ==================================================  ==========
 seconds per step       mean over replicas of train_seconds / steps          within 25%
-                       (``/ranks``: the training loop, startup excluded)
-mean staleness         ``/server/staleness`` histogram's mean               within 30%
-test accuracy against  ``|acc_sim - acc_real|`` at each real evaluation in   2 points
-samples seen           the second half of the common range of samples (the
-                       simulated curve, evaluated every 0.1 s, interpolated
-                       there), the largest difference
+                       (``/ranks``: the training loop, startup excluded),
+                       mean over the runs
+mean staleness         ``/server/staleness`` histogram's mean, mean over    within 30%
+                       the runs
+test accuracy against  ``|acc_sim - acc_real|`` of the runs' means at each   2 points
+samples seen           evaluation in the second half of the samples, the
+                       largest
 =====================  ==================================================  ==========
 
 Staleness is compared as ``|sim - real| <= 30% of real + 0.05`` updates: with one
 replica it is a fraction of an update, where a relative bound alone means nothing.
 The comparison skips the first half, where the curve is steepest and where it is
-evaluated decides the difference more than training does; the simulated run is
-evaluated densely (evaluating costs no simulated time), so only the real points are
-sparse, and they are compared as measured, not interpolated (interpolating two sparse
-curves measured 6.3 points apart where the final accuracies were 0.3 apart).
+evaluated decides the difference more than training does.
 
-Calibration (:mod:`.calibrate`), before each case, so that it meets the load the
-case's real run meets: a short real ``R1_S1`` run (``--calibration-epochs``) gives the
-per-sample compute and the in-run message and apply costs; the compute timed in ``R``
-concurrent processes against one gives the contention of ``R`` replicas on the shared
-cores.  So ``R1_S1``'s seconds per step are not a prediction (the same configuration,
-shorter, calibrated them); every other case's are.
-
-Writes ``results/sim_validation.h5`` (``/validation/R{r}_S{s}/{real,sim}`` curves and
-figures, the comparison and the case's calibration as attributes; stamped) and prints
-a table.
+Writes ``--out`` (default ``results/sim_validation.h5``; an existing file only with
+``--overwrite``): root attributes the bounds, the command and the calibration (the
+costs, the calibration run's share of a core, the background it implied and the one
+sampled); ``/validation/R{r}_S{s}`` the comparison and the machine the real runs met
+(cores, mean background, load average before the first and after the last) as
+attributes; ``real/`` and ``sim/`` the mean figures as attributes, ``samples``,
+``test_accuracy`` (the mean), and per run ``runs_test_accuracy`` (runs x points),
+``runs_step_seconds``, ``runs_staleness`` (and ``real/runs_background``, with
+``real/runs_background_implied``: what each real run's own share of a core implies, for
+comparison only).
+``mpibelief plot validation FILE`` draws it.
 Usage: ``python -m mpibelief.simulate.validate [--replicas 1,2] [--shards 1,2]
-[--epochs 1] [--config configs/demo.toml] [--out results/sim_validation.h5]
-[--calibration-epochs 0.25]``
+[--epochs 1] [--runs 3] [--config configs/demo.toml] [--calibration-epochs 0.5]
+[--out results/sim_validation.h5] [--overwrite]``
 """
 
 from __future__ import annotations
@@ -53,9 +66,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from mpibelief.simulate.background import BackgroundLoad
+from mpibelief.simulate.cores import Machine
+
 REPO = Path(__file__).resolve().parents[2]
-SIM_EVAL_EVERY = 0.1  # simulated seconds between the simulated run's evaluations
 BOUNDS = {"step_seconds": 0.25, "staleness": 0.30, "accuracy_points": 2.0}
+CALIBRATION_KEPT = ("compute_per_sample", "apply_per_param", "latency", "bandwidth",
+                    "evaluation", "first_step", "descheduled", "share",
+                    "machine_cores", "background", "loadavg_1min")
 
 
 def overrides(replicas: int, shards: int, epochs: float, warmstart: int) -> list[str]:
@@ -65,17 +83,32 @@ def overrides(replicas: int, shards: int, epochs: float, warmstart: int) -> list
             f"downpour.warmstart_steps={warmstart}"]
 
 
-def run_real(config: str, sets: list[str], out: Path, world: int, timeout: float = 900) -> None:
-    """One real run under mpiexec (the venv's), its result at ``out``."""
+def run_real(config: str, sets: list[str], out: Path, world: int,
+             timeout: float = 900) -> dict:
+    """One real run under mpiexec (the venv's), its result at ``out``; returns the
+    machine it met: the other sessions wanting a core (:mod:`.background`), sampled
+    4 times a second while it ran, and the load average before and after."""
     cmd = [str(Path(sys.executable).parent / "mpiexec"), "-n", str(world), sys.executable,
            "-m", "mpibelief", "train", config, "--out", str(out), "--overwrite"]
     for item in sets:
         cmd += ["--set", item]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
-    if done.returncode != 0:
-        raise RuntimeError(f"real run failed ({' '.join(sets)}):\n{done.stderr[-2000:]}")
+    before = os.getloadavg()[0]
+    with BackgroundLoad(every=0.25) as load, subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, stdin=subprocess.DEVNULL) as job:
+        load.root = job.pid
+        try:
+            _, stderr = job.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            job.kill()
+            job.communicate()
+            raise RuntimeError(f"real run did not end within {timeout:g} s"
+                               f" ({' '.join(sets)})") from None
+    if job.returncode != 0:
+        raise RuntimeError(f"real run failed ({' '.join(sets)}):\n{stderr[-2000:]}")
+    return {"background": load.mean(), "background_samples": np.array(load.samples),
+            "loadavg_before": before, "loadavg_after": os.getloadavg()[0]}
 
 
 def summary(path: Path) -> dict:
@@ -93,6 +126,7 @@ def summary(path: Path) -> dict:
             "compute_step_seconds": float(np.mean(compute[trained] / steps)),
             "comm_step_seconds": float(np.mean(comm[trained] / steps)),
             "staleness": float((hist * np.arange(len(hist))).sum() / max(hist.sum(), 1)),
+            "fresh": float(hist[0] / max(hist.sum(), 1)),  # pulls after the push applied
             "final_accuracy": float(curve["test_accuracy"][-1]), **curve}
 
 
@@ -102,15 +136,29 @@ def _batch(toml_text: str) -> int:
     return int(tomllib.loads(toml_text)["train"]["batch"])
 
 
+def expected(runs: list[dict], samples: np.ndarray) -> dict:
+    """The runs' mean: figures, and test accuracy at ``samples`` (each run's curve
+    interpolated there: exact where it was evaluated there); each run's as ``runs_*``."""
+    curves = np.array([np.interp(samples, r["samples"], r["test_accuracy"]) for r in runs])
+    mean = {k: float(np.mean([r[k] for r in runs]))
+            for k in ("step_seconds", "compute_step_seconds", "comm_step_seconds",
+                      "staleness", "fresh")}
+    return {**mean, "samples": samples, "test_accuracy": curves.mean(axis=0),
+            "runs_test_accuracy": curves,
+            **{f"runs_{k}": np.array([r[k] for r in runs])
+               for k in ("step_seconds", "staleness", "fresh")},
+            "final_accuracy": float(curves.mean(axis=0)[-1])}
+
+
 def compare(real: dict, sim: dict) -> dict:
-    """The three agreements (see the module docstring), with the verdict of each."""
+    """The three agreements (see the module docstring), with the verdict of each.
+
+    ``sim``'s curve is at ``real``'s samples (:func:`expected`)."""
     step = sim["step_seconds"] / real["step_seconds"] - 1.0
     stale = abs(sim["staleness"] - real["staleness"])
-    lo = max(real["samples"].min(), sim["samples"].min())
-    hi = min(real["samples"].max(), sim["samples"].max())
-    at = (real["samples"] >= lo + (hi - lo) / 2) & (real["samples"] <= hi)
-    diff = 100 * np.abs(np.interp(real["samples"][at], sim["samples"], sim["test_accuracy"])
-                        - real["test_accuracy"][at])
+    lo, hi = real["samples"].min(), real["samples"].max()
+    at = real["samples"] >= lo + (hi - lo) / 2
+    diff = 100 * np.abs(sim["test_accuracy"][at] - real["test_accuracy"][at])
     found = {"step_seconds_error": step, "staleness_difference": stale,
              "accuracy_max_difference_points": float(diff.max()),
              "accuracy_final_difference_points":
@@ -121,62 +169,75 @@ def compare(real: dict, sim: dict) -> dict:
     return found
 
 
-def case(config: str, r: int, s: int, args, calibration: Path, tmp: Path) -> tuple:
-    """Calibrate for ``r`` replicas, then run the case both ways; ``(real, sim, cmp)``."""
-    from mpibelief import config as configs
-    from mpibelief.simulate.run import simulate
-
-    sets = overrides(r, s, args.epochs, args.warmstart)
-    real_path, sim_path = tmp / f"R{r}_S{s}_real.h5", tmp / f"R{r}_S{s}_sim.h5"
-    calibration_run(config, tmp / "calibration_run.h5", args.calibration_epochs)
-    calibrate_now(config, calibration, Path(args.rma), r, tmp / "calibration_run.h5")
-    run_real(config, sets, real_path, 1 + s + r)
-    dense = [*sets, f"train.eval_every={SIM_EVAL_EVERY}"]  # evaluation costs no sim time
-    simulate(configs.load(config, dense), sim_path, calibration, overwrite=True)
-    real, sim = summary(real_path), summary(sim_path)
-    return real, sim, compare(real, sim)
-
-
-def calibrate_now(config: str, calibration: Path, rma: Path, concurrency: int,
-                  run: Path | None) -> None:
+def calibrate_machine(config: str, calibration: Path, rma: Path, epochs: float,
+                      tmp: Path) -> dict:
+    """The calibration run, then the costs from it (at ``calibration``); returns what
+    it measured (:data:`CALIBRATION_KEPT`, and the background sampled during it)."""
     from mpibelief import config as configs
     from mpibelief.data import load_dataset
     from mpibelief.simulate import calibrate
 
+    run = tmp / "calibration_run.h5"
+    met = run_real(config, overrides(1, 1, epochs, 0), run, 3)
     cfg = configs.load(config)
-    costs, raw = calibrate.measure(cfg, load_dataset(cfg.data), rma,
-                                   concurrency=concurrency, run=run)
+    costs, raw = calibrate.measure(cfg, load_dataset(cfg.data), rma, run=run)
     calibrate.write(calibration, costs, raw)
-    print(f"calibrated for {concurrency} replica(s): {costs.compute_per_sample * 1e6:.1f}"
-          f" us/sample, apply {costs.apply_per_param * 1e9:.2f} ns/param, message"
-          f" {costs.latency * 1e6:.0f} us + bytes / {costs.bandwidth / 1e9:.1f} GB/s,"
-          f" contention x{raw['contention']:.2f}", flush=True)
-
-
-def calibration_run(config: str, path: Path, epochs: float) -> None:
-    """A short real R1_S1 run: the in-run message and apply costs (:func:`from_run`)."""
-    run_real(config, overrides(1, 1, epochs, 0) + ["train.eval_every=1e9"], path, 3)
-
-
-def costs_of(calibration: Path) -> dict:
-    """The calibration a case used (its file is temporary: the values are kept)."""
+    print(f"calibrated: CPU {costs.compute_per_sample * 1e6:.1f} us/sample, apply"
+          f" {costs.apply_per_param * 1e9:.2f} ns/param, message {costs.latency * 1e6:.0f} us"
+          f" + bytes / {costs.bandwidth / 1e9:.1f} GB/s, evaluation {costs.evaluation:.3f} s,"
+          f" descheduled past the apply after {costs.descheduled:.1%} of MPI calls;"
+          f" the replica ran at {raw['share']:.2f} of a core: {raw['machine_cores']} cores"
+          f" and {raw['background']:.2f} other sessions implied, {met['background']:.2f}"
+          " sampled", flush=True)
     with h5py.File(calibration, "r") as f:
-        return {k: f.attrs[k] for k in ("compute_per_sample", "apply_per_param", "latency",
-                                        "bandwidth", "concurrency", "contention",
-                                        "loadavg_1min")}
+        kept = {k: f.attrs.get(k, 0.0) for k in CALIBRATION_KEPT}
+    return {**kept, "background_sampled": met["background"]}
 
 
-def write(path: Path, found: dict, args) -> None:
+def case(config: str, r: int, s: int, args, calibration: Path, tmp: Path) -> tuple:
+    """``args.runs`` real runs of the case, then as many simulated, run ``j`` with timing
+    seed ``j`` on the machine real run ``j`` met; ``(real, sim, cmp)``, their means."""
+    from mpibelief import config as configs
+    from mpibelief.simulate import calibrate
+    from mpibelief.simulate.run import simulate
+
+    sets = overrides(r, s, args.epochs, args.warmstart)
+    met, reals = [], []
+    for j in range(args.runs):
+        met.append(run_real(config, sets, tmp / f"R{r}_S{s}_real{j}.h5", 1 + s + r))
+        reals.append(summary(tmp / f"R{r}_S{s}_real{j}.h5"))
+    at = np.unique(np.concatenate([run["samples"] for run in reals]))
+    cores, sims = calibrate.machine(calibration).cores, []
+    for j, machine in enumerate(Machine(cores, m["background"]) for m in met):
+        simulate(configs.load(config, sets), tmp / f"R{r}_S{s}_sim{j}.h5", calibration,
+                 overwrite=True, machine=machine, sample_at=at, seed=j)
+        sims.append(summary(tmp / f"R{r}_S{s}_sim{j}.h5"))
+    grid = reals[0]["samples"]  # the first real run's evaluations
+    real, sim = expected(reals, grid), expected(sims, grid)
+    found = compare(real, sim)
+    found.update({"cores": cores, "runs": args.runs,
+                  "background": float(np.mean([m["background"] for m in met])),
+                  "loadavg_before": met[0]["loadavg_before"],
+                  "loadavg_after": met[-1]["loadavg_after"]})
+    real["runs_background"] = np.array([m["background"] for m in met])
+    # Not used by the simulation: the background each real run's own replicas' share of
+    # a core implies (calibrate.from_run), beside the sampled one, to show the sampler.
+    real["runs_background_implied"] = np.array([
+        calibrate.from_run(tmp / f"R{r}_S{s}_real{j}.h5", 1.0, cores)["background"]
+        for j in range(args.runs)])
+    return real, sim, found
+
+
+def write(path: Path, found: dict, calibrated: dict, args) -> None:
     from mpibelief.results import stamp
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with h5py.File(path, "w") as f:
         stamp(f, {"command": " ".join(sys.argv), "epochs": args.epochs,
-                  "config": args.config, **{f"bound_{k}": v for k, v in BOUNDS.items()}})
+                  "config": args.config, **{f"bound_{k}": v for k, v in BOUNDS.items()},
+                  **{f"calibration_{k}": v for k, v in calibrated.items()}})
         for name, (real, sim, cmp) in found.items():
             group = f.create_group(f"validation/{name}")
-            cmp = dict(cmp)
-            group.attrs.update({f"cost_{k}": v for k, v in cmp.pop("calibration").items()})
             group.attrs.update(cmp)
             for label, run in (("real", real), ("sim", sim)):
                 sub = group.create_group(label)
@@ -186,16 +247,19 @@ def write(path: Path, found: dict, args) -> None:
 
 
 def report(found: dict) -> None:
-    print(f"\n{'case':>6} {'s/step real':>11} {'sim':>8} {'err':>6} | {'stale real':>10}"
-          f" {'sim':>6} | {'acc diff max':>12} {'final':>6} | verdict")
+    print(f"\n{'case':>6} {'ms/step real':>12} {'sim':>6} {'err':>5} | {'stale real':>10}"
+          f" {'sim':>5} {'fresh':>10} | {'acc max diff':>12} {'final':>5} | {'bg':>4}"
+          f" {'load':>9} | verdict")
     for name, (real, sim, c) in found.items():
         ok = c["step_ok"] and c["staleness_ok"] and c["accuracy_ok"]
-        print(f"{name:>6} {real['step_seconds']:11.4f} {sim['step_seconds']:8.4f}"
-              f" {c['step_seconds_error']:+6.0%} | {real['staleness']:10.3f}"
-              f" {sim['staleness']:6.3f} | {c['accuracy_max_difference_points']:12.2f}"
-              f" {c['accuracy_final_difference_points']:6.2f} | {'PASS' if ok else 'FAIL'}"
-              f" (step {c['step_ok']}, staleness {c['staleness_ok']},"
-              f" accuracy {c['accuracy_ok']})", flush=True)
+        print(f"{name:>6} {1e3 * real['step_seconds']:12.1f} {1e3 * sim['step_seconds']:6.1f}"
+              f" {c['step_seconds_error']:+5.0%} | {real['staleness']:10.2f}"
+              f" {sim['staleness']:5.2f} {real['fresh']:4.0%}/{sim['fresh']:<4.0%}"
+              f" | {c['accuracy_max_difference_points']:12.2f}"
+              f" {c['accuracy_final_difference_points']:5.2f} | {c['background']:4.1f}"
+              f" {c['loadavg_before']:4.1f}-{c['loadavg_after']:<4.1f} |"
+              f" {'PASS' if ok else 'FAIL'} (step {c['step_ok']}, staleness"
+              f" {c['staleness_ok']}, accuracy {c['accuracy_ok']})", flush=True)
 
 
 def counts(text: str) -> list[int]:
@@ -210,21 +274,29 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=float, default=1.0, help="per replica, over its shard")
     p.add_argument("--warmstart", type=int, default=0)
     p.add_argument("--rma", default=str(REPO / "results" / "bench_rma.h5"))
-    p.add_argument("--calibration-epochs", type=float, default=0.25,
-                   help="length of the real R1_S1 run the message costs come from")
+    p.add_argument("--calibration-epochs", type=float, default=0.5,
+                   help="length of the real R1_S1 run the costs come from")
+    p.add_argument("--runs", type=int, default=3,
+                   help="real runs per case, each with its simulated twin; means compared")
     p.add_argument("--out", default=str(REPO / "results" / "sim_validation.h5"))
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = p.parse_args(argv)
+    if Path(args.out).exists() and not args.overwrite:
+        p.error(f"{args.out} exists (--overwrite replaces it)")
+    if args.runs < 1:
+        p.error("--runs must be at least 1")
     for var in ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
         os.environ.setdefault(var, "1")
     found = {}
     with tempfile.TemporaryDirectory() as tmp:
         calibration = Path(tmp) / "calibration.h5"
+        calibrated = calibrate_machine(args.config, calibration, Path(args.rma),
+                                       args.calibration_epochs, Path(tmp))
         for r in args.replicas:
             for s in args.shards:
                 found[f"R{r}_S{s}"] = case(args.config, r, s, args, calibration, Path(tmp))
-                found[f"R{r}_S{s}"][2]["calibration"] = costs_of(calibration)
                 report({f"R{r}_S{s}": found[f"R{r}_S{s}"]})
-        write(Path(args.out), found, args)
+        write(Path(args.out), found, calibrated, args)
     report(found)
     print(f"wrote {args.out}")
     return 0 if all(c["step_ok"] and c["staleness_ok"] and c["accuracy_ok"]

@@ -90,7 +90,7 @@ def test_a_compressing_replica_logs_every_push():
     replica = Replica(0, model, server.client(0), data, SimpleNamespace(batch=2),
                       SimpleNamespace(n_fetch=1, n_push=2), seed=0, clock=None,
                       compressor=Compressor(N, comp, rank=0))
-    replica.clock = SimpleNamespace(now=lambda: 0.0)
+    replica.clock = SimpleNamespace(now=lambda: 0.0, cpu=lambda: 0.0)
     replica.train(7)
     stats = replica.finish()  # 3 pushes of 2 steps, then the last partial one
     log = stats.compression
