@@ -6,6 +6,8 @@
 
 A handler runs between two bytecodes of the main thread, wherever it is, so it must not
 call MPI or write files: it only sets a flag, and the algorithm acts at its next check.
+Nor may it take a lock: a second signal can arrive while the first handler runs, and
+then runs the handler again, in the same thread, on top of it (see :class:`Flag`).
 """
 
 from __future__ import annotations
@@ -14,12 +16,38 @@ import signal
 import threading
 
 
+class Flag:
+    """A flag that a signal handler may set: one attribute store, no lock.
+
+    Not ``threading.Event``: its ``set()`` holds a lock, and a signal arriving while the
+    handler holds it runs the handler again, which then waits forever for the lock its
+    own thread holds.  Seen on a Slurm requeue, where every rank gets SIGTERM twice (from
+    Slurm and from the batch script): one replica in ten hung in ``Event.set`` and the
+    job never stopped.  A store to an attribute is atomic under the GIL, so the notice
+    thread (:class:`~mpibelief.guard.NoticeListener`) may set it too.
+    """
+
+    __slots__ = ("_set",)
+
+    def __init__(self):
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def clear(self) -> None:
+        self._set = False
+
+    def is_set(self) -> bool:
+        return self._set
+
+
 class Signals:
     """Flags set by SIGTERM and SIGUSR1; ``install()`` once per process."""
 
     def __init__(self):
-        self.terminate = threading.Event()
-        self.checkpoint = threading.Event()
+        self.terminate = Flag()
+        self.checkpoint = Flag()
 
     def install(self) -> Signals:
         if threading.current_thread() is threading.main_thread():
