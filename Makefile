@@ -30,7 +30,7 @@ demo: $(STAMP)
 	$(BIN)/python -m mpibelief plot accuracy results/demo.h5 --out results/demo.png
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=30
 
 lint: $(STAMP)
 	$(BIN)/ruff check mpibelief bench tests
