@@ -5,15 +5,21 @@ caught: the coordinator never gets to write ``status = failed``.  So the coordin
 starts this small watcher, in a session of its own (so the launcher's kill misses it),
 with the pids of the ranks on its host.  It polls them; when the coordinator is gone
 and the file still says ``running``, it records which rank died first and when, and
-says so on the job's standard error (which it shares with the coordinator).
+says so on the job's standard error (which it shares with the coordinator).  Ranks of
+its host still running ``ORPHAN_GRACE`` seconds after the coordinator ended (however it
+ended) it kills: their launcher is gone.  Seen under Slurm with Hydra's mpiexec, whose
+ranks each run in a session of their own, so a step killed at the end of ``KillWait``
+left its shards polling forever; a pidfd names the very process, never a reused pid.
 Run: ``python -m mpibelief.janitor RESULT.h5 '{"rank": pid, ...}'`` (done by train.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
+import signal
 import sys
 import time
 
@@ -21,8 +27,11 @@ import h5py
 
 from mpibelief.results import process_alive
 
+ORPHAN_GRACE = 10.0  # seconds: a finished run's ranks leave MPI_Finalize well within it
 
-def watch(path: str, pids: dict[int, int], coordinator: int) -> None:
+
+def watch(path: str, pids: dict[int, int], coordinator: int,
+          grace: float = ORPHAN_GRACE) -> None:
     """Wait (asleep, in ``poll(2)`` on pidfds) until the coordinator is gone.
 
     The launcher kills the other ranks within milliseconds of the first death; a pidfd
@@ -47,7 +56,25 @@ def watch(path: str, pids: dict[int, int], coordinator: int) -> None:
             when = time.strftime("%H:%M:%S")
         for fd, _ in ready:
             poller.unregister(fd)
+            del fds[fd]
     report(path, first_dead or [coordinator], when or time.strftime("%H:%M:%S"))
+    reap(poller, {fd: rank for fd, rank in fds.items() if fd >= 0}, grace)
+
+
+def reap(poller, alive: dict[int, int], grace: float) -> None:
+    """SIGKILL the ranks (pidfd -> rank) still running ``grace`` seconds from now."""
+    deadline = time.monotonic() + grace
+    while alive and time.monotonic() < deadline:
+        for fd, _ in poller.poll(max(int(1000 * (deadline - time.monotonic())), 1)):
+            poller.unregister(fd)
+            del alive[fd]
+    for fd in alive:
+        with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+    if alive:
+        print(f"mpibelief: error: rank(s) {sorted(alive.values())} still ran {grace:g} s"
+              " after the coordinator ended (their launcher is gone); killed them",
+              file=sys.stderr, flush=True)
 
 
 def report(path: str, first_dead: list[int], when: str) -> None:
