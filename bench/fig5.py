@@ -37,7 +37,13 @@ for _var in ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/campaign_cli.py
 import campaign_cli as cli  # noqa: E402
-from fig4 import ADAGRAD_RATES, LARGE_RATES, SGD_RATES, SYNC_RATES  # noqa: E402
+from fig4 import (  # noqa: E402
+    ADAGRAD_RATES,
+    LARGE_RATES,
+    SGD_RATES,
+    SYNC_RATES,
+    sandblaster_sets,
+)
 
 from mpibelief.simulate.campaign import Method  # noqa: E402
 
@@ -61,9 +67,7 @@ def methods(args) -> list[Method]:
     rows += [Method(f"Downpour [{R}]{_p(P)}", "downpour", R, s(R), P, sgd, SGD_RATES,
                     "Downpour") for R, P in fixed]
     rows += [Method(f"Sandblaster L-BFGS [{R}]{_p(P)}", "sandblaster", R,
-                    s(min(R, 200)), P, ("sandblaster.batch=32768",
-                                        f"sandblaster.portions={2 * R}",
-                                        "sandblaster.iterations=60"), (),
+                    s(min(R, 200)), P, sandblaster_sets(R, q), (),
                     "Sandblaster L-BFGS") for R, P in sb]
     rows += [Method(f"Sync allreduce [{R}] + Adagrad{_p(P)}", "sync", R, 0, P, ada,
                     SYNC_RATES, "Sync allreduce + Adagrad") for R, P in sync]

@@ -1,6 +1,8 @@
 """Figure 3 measured: time per mini-batch of one replica over P partitions.
 
-For each model family (``configs/<name>.toml``) and each ``P`` in ``--partitions``,
+For each model family (``configs/<name>.toml``, or any model config's path) and each
+``P`` in ``--partitions`` (smallest first: P = 1 is every speed-up's base, and its
+one-process job compiles the Numba kernels before P ranks share the cache),
 runs ``mpiexec -n P python -m mpibelief.simulate.steptime`` (or the launcher given:
 ``--launcher "srun --mpi=pmi2"`` inside a Slurm allocation holds any P), in
 interleaved rounds so that load on the shared machine hits every case alike.  Each
@@ -21,15 +23,16 @@ MPI latency and bandwidth (:mod:`mpibelief.simulate.pingpong`) are measured in t
 same run; then, unless ``--no-model``, the scaling model (:mod:`mpibelief.simulate.
 scaling`) is fitted and validated into the same file.
 
-Writes ``results/fig3_measured.h5``: ``/measured/<model>/P<p>/{seconds (repeats),
-compute_seconds, wait_seconds, cpu_seconds, max_rss_bytes (repeats x P), bytes_sent
-(P)}`` with the
-medians and the speed-up as attributes; ``/network/local``; stamped with
-:func:`mpibelief.results.stamp`.
+Writes ``results/fig3_measured.h5`` (an existing file only with ``--overwrite``):
+``/measured/<model>/P<p>/{seconds (repeats), compute_seconds, wait_seconds,
+cpu_seconds, max_rss_bytes (repeats x P), bytes_sent (P)}`` with the medians and the
+speed-up as attributes, the model's config file as ``/measured/<model>``'s ``config``;
+``/network/local``; stamped with :func:`mpibelief.results.stamp` (inside a Slurm job:
+its id, node list and tasks per node).
 
-Usage: ``python bench/model_parallel.py [--models speech,images_80m,images_330m]
+Usage: ``python bench/model_parallel.py [--models speech,images_80m,my/net.toml]
 [--partitions 1,2] [--batch N] [--steps 3] [--repeats 3] [--launcher mpiexec]
-[--timeout 1800] [--out PATH] [--no-model] [scaling-model options]``
+[--timeout 1800] [--out PATH] [--overwrite] [--no-model]``
 """
 
 from __future__ import annotations
@@ -56,7 +59,10 @@ GIB = 2**30
 
 
 def counts(text: str) -> list[int]:
-    values = [int(v) for v in text.split(",") if v.strip()]
+    try:
+        values = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        values = []
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: want positive integers, e.g. 1,2,4")
     return values
@@ -92,7 +98,7 @@ def run_case(name: str, P: int, args, launcher: list[str], tmp: Path) -> dict:
     out = tmp / f"{name}_P{P}.json"
     sets = ["--set", f"train.batch={args.batch}"] if args.batch else []
     launch([*launcher, "-n", str(P), sys.executable, "-m", "mpibelief.simulate.steptime",
-            f"configs/{name}.toml", *sets, "--steps", str(args.steps), "--out", str(out)],
+            str(args.configs[name]), *sets, "--steps", str(args.steps), "--out", str(out)],
            args.timeout)
     found = json.loads(out.read_text())
     ranks = found["ranks"]
@@ -112,7 +118,7 @@ def fits(name: str, P: int, args) -> tuple[bool, str]:
     from mpibelief.simulate.steptime import build
 
     sets = [f"train.batch={args.batch}"] if args.batch else []
-    n_params = build(str(REPO / "configs" / f"{name}.toml"), sets)[1].n_params
+    n_params = build(str(args.configs[name]), sets)[1].n_params
     need, have = needed_bytes(n_params, P), available_bytes()
     why = f"needs about {need / GIB:.1f} GiB, {have / GIB:.1f} GiB available"
     return need <= have, why
@@ -120,7 +126,7 @@ def fits(name: str, P: int, args) -> tuple[bool, str]:
 
 def measure(args, launcher: list[str]) -> tuple[dict, dict]:
     """Interleaved rounds: ``{(model, P): [case per repeat]}`` and the skipped cases."""
-    found = {(m, P): [] for m in args.models for P in args.partitions}
+    found = {(m, P): [] for m in args.configs for P in args.partitions}
     skipped = {}
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.repeats):
@@ -189,6 +195,9 @@ def write(path: Path, found: dict, skipped: dict, network: dict, args) -> None:
             f.require_group(f"skipped/{name}").attrs[f"P{P}"] = why
         for name in {m for m, _ in found}:
             group = f[f"measured/{name}"]
+            config = args.configs[name]
+            group.attrs["config"] = str(config.relative_to(REPO)
+                                        if config.is_relative_to(REPO) else config)
             if "P1" not in group:
                 continue
             base, cpu = (group["P1"].attrs[k] for k in ("median_seconds", "median_cpu_seconds"))
@@ -233,7 +242,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", type=lambda s: [m for m in s.split(",") if m],
                         default=["speech", "images_80m", "images_330m"],
-                        help="config names under configs/, e.g. speech,images_1700m")
+                        help="config names under configs/ (speech,images_1700m) or model"
+                             " config files (my/net.toml)")
     parser.add_argument("--partitions", type=counts, default=[1, 2], help="e.g. 1,2,4")
     parser.add_argument("--batch", type=int, default=0, help="mini-batch (0: each config's)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per job (median)")
@@ -242,6 +252,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="MPI launcher taking -n (e.g. 'srun --mpi=pmi2')")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per job")
     parser.add_argument("--out", default=str(REPO / "results" / "fig3_measured.h5"))
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--no-model", action="store_true",
                         help="measure only; fit the scaling model later with"
                              " python -m mpibelief.simulate.scaling FILE")
@@ -251,9 +262,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     launcher = shlex.split(args.launcher)
-    for name in args.models:
-        if not (REPO / "configs" / f"{name}.toml").exists():
-            sys.exit(f"bench/model_parallel.py: no configs/{name}.toml")
+    from mpibelief.simulate.scaling import model_config
+
+    named = [model_config(entry) for entry in args.models]
+    for entry, (_, config) in zip(args.models, named, strict=True):
+        if not config.exists():
+            sys.exit(f"bench/model_parallel.py: error: model {entry}: no {config}")
+    args.configs = dict(named)
+    if len(args.configs) < len(named):
+        sys.exit(f"bench/model_parallel.py: error: two models share a name: {args.models}")
+    if Path(args.out).exists() and not args.overwrite:
+        sys.exit(f"bench/model_parallel.py: error: {args.out} exists: pass --overwrite to"
+                 " replace it")
     network = pingpong(launcher, args.timeout)
     found, skipped = measure(args, launcher)
     out = Path(args.out)

@@ -13,8 +13,14 @@ interleaved rounds so that load on the machine hits every case alike:
 for every portion count ``P`` in ``--portions``.  Why several: load balancing already
 gives a steady straggler fewer portions, so backups only recover the batch's tail, at
 most one straggler portion; the finer the portions, the smaller that tail is against
-the batch (a 2-replica model: about ``(factor - 1) / 2`` fast portions out of ``P /
-(1 + 1/factor)``).
+the batch.  How much there is to recover at all is bounded by the best split of whole
+portions between the replicas: with 2 replicas, one 4x slower, no schedule finishes 4
+portions sooner than 4 fast portions' time (the fast one does all 4, or 3 while the
+straggler does 1), which is what load balancing alone gives; 8 portions: 7 against
+about 8 (cut at most 14%); 16: 13 against about 15 (13%).  Only at 2 portions is half
+the batch at stake (51%).  ``bench/sandblaster_model.py`` plays the dispatcher around
+the real portion book in virtual time and prints these bounds beside what the book
+achieves: 48%, 0%, 9%, 7% at 2, 4, 8, 16 portions (``push_every`` 4).
 
 Seconds per batch (one L-BFGS step: its gradient and line-search evaluations) come from
 the run's own ``/sandblaster/seconds``; a run's figure is its median over batches, a

@@ -53,7 +53,7 @@ class Injector:
         elapsed = self.clock.now() - self.start
         if f.kill_rank == self.rank and elapsed >= f.kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
-        if f.stop_replica == self.replica and elapsed >= f.stop_after:
+        if 0 <= f.stop_replica == self.replica and elapsed >= f.stop_after:  # -1: none
             if f.stop_mode == "hang":
                 while True:  # outside MPI for good, as a wedged process would be
                     time.sleep(3600)

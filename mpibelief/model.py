@@ -218,6 +218,18 @@ class Model:
             self.layers[i].backward(inp, acts[i], dacts[i], dx)
         return float(loss), int(correct)
 
+    def range_losses(self, x: np.ndarray, y: np.ndarray,
+                     bounds: list[tuple[int, int]]) -> list[float]:
+        """The mean loss of each row range ``(lo, hi)`` of a batch, from one forward pass:
+        what ``loss_and_grad`` on those rows alone returns, without the gradients (the
+        simulated Sandblaster's portions, :mod:`mpibelief.simulate.sandblaster_cluster`).
+        """
+        _, dacts, probs = self._bufs(len(x))
+        logits = self.forward(x)
+        dlogits = dacts[-1].reshape(logits.shape)
+        return [self._loss(logits[lo:hi], y[lo:hi], probs[lo:hi], dlogits[lo:hi])[0]
+                for lo, hi in bounds]
+
     def evaluate(self, x: np.ndarray, y: np.ndarray,
                  batch: int | None = None) -> tuple[float, float]:
         """Mean loss and accuracy over a whole set, in batches (no gradients)."""

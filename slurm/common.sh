@@ -105,11 +105,39 @@ mb_warm() {
         rm -rf "$tmp"
         mb_die "warming the Numba cache failed (output above)"
     }
-    # The shards' update rules and the push path's NaN probe, which SGD alone lacks.
-    "$PYTHON" -c 'from mpibelief.optim import Optimizer
-for kind in ("sgd", "adagrad"): Optimizer(kind, 0.1).warm()'
+    # The shards' update rules and the push path's NaN probe, which SGD alone lacks, and
+    # the compression codec (compressed runs, real or simulated).
+    "$PYTHON" -c 'from mpibelief.compressor import Compressor
+from mpibelief.optim import Optimizer
+for kind in ("sgd", "adagrad"): Optimizer(kind, 0.1).warm()
+Compressor.warm()'
     rm -rf "$tmp"
     mb_log "data and Numba cache warm ($((SECONDS - start)) s, one process)"
+}
+
+# mb_figure_out DEFAULT [BENCH_OPTIONS...]: sets MB_FIG_OUT, the result file a figure
+# campaign's bench writes (its --out, else DEFAULT), and stops the job before any work
+# when that file exists and the options do not say --overwrite: a campaign never
+# replaces a result silently (the file of Figure N may be the one in the repository).
+mb_figure_out() {
+    local overwrite=0
+    MB_FIG_OUT=$1
+    shift
+    while [[ $# -gt 0 ]]; do
+        case $1 in
+            --out)
+                [[ $# -ge 2 ]] || mb_die "--out needs a file"
+                MB_FIG_OUT=$2
+                shift
+                ;;
+            --out=*) MB_FIG_OUT=${1#--out=} ;;
+            --overwrite) overwrite=1 ;;
+        esac
+        shift
+    done
+    if [[ -e $MB_FIG_OUT && $overwrite -eq 0 ]]; then
+        mb_die "$MB_FIG_OUT exists: pass --overwrite to replace it"
+    fi
 }
 
 # mb_launcher N: sets MB_LAUNCH, the command prefix that starts N ranks.

@@ -224,7 +224,7 @@ def _seed_shards(ctx, ps, client) -> tuple[list[int], float]:
     Returns each replica's steps already applied and the run seconds behind us.
     """
     if ctx.resume is None:
-        client.load(_shards_order(ctx.model, ctx.layout.partitions))
+        client.load(shards_order(ctx.model, ctx.layout.partitions))
         return [0] * ctx.layout.replicas, 0.0
     restore_shards(ctx, ps, client)
     per_worker = ps.samples_applied()[1:]
@@ -247,7 +247,7 @@ def restore_shards(ctx, ps, client) -> None:
                           checkpoint.digest({"params": ctx.model.params})})
 
 
-def _shards_order(model, partitions: int) -> np.ndarray:
+def shards_order(model, partitions: int) -> np.ndarray:
     """The whole model's parameters in the order the shards hold them."""
     return model.params if partitions == 1 else model.to_layout(model.params, partitions)
 

@@ -16,9 +16,17 @@ One entry point per role, over one :class:`~mpibelief.ps.server.ParameterServer`
 
 The coordinator's traffic for training (commands to the shards, messages to the
 replicas) is counted per batch; its pulls for evaluation are not training and are
-counted apart, in ``/ranks``.  Partitioned replicas (``P`` > 1) are not built yet: the
-server already gives each partition its own client range, and the shards count samples
-per client (see :mod:`mpibelief.portion_worker`).
+counted apart, in ``/ranks``.
+
+Partitioned replicas (``layout.partitions`` = P > 1), as in Downpour: each partition
+is a parameter client over its own range, and the shards hold the flat vectors in
+partition-major order (which the coordinator converts to and from the whole model's
+order when it loads and evaluates; L-BFGS itself is blind to the order: its vector
+commands are coefficient-wise or sums over all coefficients).  The coordinator talks
+to partition 0 of each replica only, which relays to the others
+(:mod:`mpibelief.portion_worker`), and counts a replica's samples as the least over
+its partitions.  A replica given up on is given up on whole: the shards refuse the
+pushes of all its partitions, all of them are stopped and report.
 
 Faults.  A replica silent for ``faults.replica_timeout`` seconds while it holds work is
 given up on (:mod:`~mpibelief.algorithms.sandblaster_dispatch`): recorded in
@@ -45,6 +53,7 @@ from mpibelief.algorithms import Algorithm, register
 from mpibelief.algorithms.downpour import (
     replica_samples,
     restore_shards,
+    shards_order,
     sigterm_notice,
     write_checkpoint,
 )
@@ -56,6 +65,7 @@ from mpibelief.errors import ConfigError, UserError
 from mpibelief.faults import Injector
 from mpibelief.layout import COORDINATOR, SHARD, WORKER
 from mpibelief.optim import Optimizer
+from mpibelief.partition import PartitionedModel
 from mpibelief.portion_worker import PortionWorker
 from mpibelief.ps.server import ParameterServer
 from mpibelief.ps.vectors import ShardSpace, install
@@ -66,10 +76,6 @@ def check(cfg) -> None:
     sb = cfg.sandblaster
     if cfg.layout.shards < 1:
         raise ConfigError("run.algorithm = 'sandblaster' needs layout.shards >= 1")
-    if cfg.layout.partitions != 1:
-        raise ConfigError("run.algorithm = 'sandblaster' runs replicas of one partition:"
-                          " partitioned Sandblaster replicas are not built yet"
-                          " (layout.partitions = 1)")
     if sb.batch and sb.batch < sb.portions:
         raise ConfigError(f"sandblaster.batch = {sb.batch} cannot be cut into"
                           f" {sb.portions} portions")
@@ -104,15 +110,20 @@ def shard(ctx) -> None:
 
 
 def replica(ctx) -> None:
-    cfg, role = ctx.cfg, ctx.role
+    """A replica (or one partition of one): portions until told to stop, a report."""
+    cfg, role, comms = ctx.cfg, ctx.role, ctx.comms
     sb = cfg.sandblaster
     ps = server(ctx)
-    lo, hi = ctx.model.layout(ctx.layout.partitions).partition(role.partition)
+    model, lo, hi, peers = ctx.model, 0, None, None
+    if ctx.layout.partitions > 1:  # this rank's partition only: its range is all of it
+        model, peers = PartitionedModel(ctx.model, comms.replica), comms.replica
     slow = sb.slow_factor if role.index == sb.slow_replica else 1.0
-    injector = Injector(cfg.faults, ctx.rank, role.index, ctx.clock, slow)
-    worker = PortionWorker(ctx.rank, ctx.model, ps.client(), ctx.data, sb.batch or
+    # Only partition 0 may stop the replica (faults.stop_replica): it stops as one.
+    injector = Injector(cfg.faults, ctx.rank, role.index if role.partition == 0 else -1,
+                        ctx.clock, slow)
+    worker = PortionWorker(ctx.rank, model, ps.client(), ctx.data, sb.batch or
                            len(ctx.data.y_train), cfg.run.seed, ctx.clock, injector, lo, hi)
-    stats = worker.serve(ctx.comms.control, ctx.comms.coordinator)
+    stats = worker.serve(comms.control, comms.coordinator, peers)
     quiet_send(ctx.comms.control, stats, [ctx.comms.coordinator], Tag.REPORT)
     ps.free()
 
@@ -125,21 +136,27 @@ def coordinate(ctx) -> dict:
     ps = server(ctx)
     client = ps.client()
     space = ShardSpace(ps)
+    P = lay.partitions
     if ctx.resume is None:
-        client.load(ctx.model.params)
+        client.load(shards_order(ctx.model, P))
         space.copy("x", "params")
     else:
         restore_shards(ctx, ps, client)
-    workers = lay.worker_ranks()
-    dispatcher = Dispatcher(ctx.comms.control, workers, sb.push_every, sb.backups,
+    # The coordinator talks to partition 0 of each replica; it relays to the others.
+    heads = [lay.worker_ranks(r)[0] for r in range(lay.replicas)]
+    dispatcher = Dispatcher(ctx.comms.control, heads, sb.push_every, sb.backups,
                             sb.max_copies, ctx.clock, cfg.faults.replica_timeout,
-                            exclude=lambda r: space.exclude(1 + r))  # client 0: us
+                            exclude=lambda r: _exclude(space, ps, lay, r))
     driver = LBFGSDriver(space, dispatcher, lambda counts: _samples(counts, ps, lay), sb,
                          len(ctx.data.y_train), ctx.clock)
     run = _Run.resumed(ctx.resume, driver)
 
+    flat = np.empty_like(ctx.model.params) if P > 1 else None  # the shards' order
+
     def snapshot(out: np.ndarray) -> tuple[int, int]:
-        client.pull(out)
+        client.pull(out if flat is None else flat)
+        if flat is not None:
+            ctx.model.from_layout(flat, P, out=out)
         return run.trained["batches"], run.trained["samples"]
 
     supervision = Supervision(checkpoint=lambda: write_checkpoint(
@@ -147,13 +164,14 @@ def coordinate(ctx) -> dict:
     # The bar counts gradient samples: about three evaluations of the batch per step.
     coord = Coordinator(ctx, snapshot, 3 * sb.iterations * driver.batch,
                         name=f"sandblaster[{lay.replicas}]", supervision=supervision)
-    dispatcher.on_fail = coord.fail
+    dispatcher.on_fail = lambda head, reason: _fail_replica(coord, lay, head, reason)
     _train(ctx, driver, coord, run)
     reports, gone = _stop_everyone(ctx, dispatcher, coord)
     ps.stop()
     shard_stats = coord.collect(lay.shard_ranks())
     coord.progress.close()
-    _write(ctx.writer, run.records, client, shard_stats, reports, lay, dispatcher, space)
+    write_tables(ctx.writer, run.records, client, shard_stats, reports, lay, dispatcher,
+                 space)
     coord.record_failures()
     if gone:  # hung ranks cannot join the shutdown: recorded, now end the job
         raise UserError(f"rank(s) {gone} stopped answering; the run finished without them"
@@ -166,15 +184,36 @@ def coordinate(ctx) -> dict:
     return summary
 
 
+def _exclude(space: ShardSpace, ps: ParameterServer, lay, r: int) -> list[int]:
+    """Have the shards refuse replica ``r``'s pushes (every partition's) from now on;
+    returns what each of its partitions had summed on each shard its range meets."""
+    clients = [1 + r * lay.partitions + p for p in range(lay.partitions)]  # 0: us
+    summed = space.exclude(clients)  # per shard, per client
+    return [summed[ps.shard_ranks.index(part.rank)][i] for i, c in enumerate(clients)
+            for part in ps.client_parts[c]]
+
+
+def _fail_replica(coord: Coordinator, lay, head: int, reason: str) -> None:
+    """Record every rank of the replica whose partition 0 is ``head`` as given up on."""
+    replica = lay.roles[head].index
+    ranks = lay.worker_ranks(replica)
+    if len(ranks) > 1:
+        reason = f"replica {replica} (ranks {ranks}): {reason}"
+    for rank in ranks:
+        coord.fail(rank, reason)
+
+
 def _stop_everyone(ctx, dispatcher: Dispatcher, coord: Coordinator) -> tuple[dict, list]:
-    """Stop the live replicas (through the dispatcher) and the failed ones (told to
-    stop, as Downpour's); returns the reports by rank and the ranks that never
-    answered (hung: :meth:`Coordinator.gather_lost`)."""
+    """Stop the live replicas (through the dispatcher, which tells partition 0, which
+    relays) and the failed ones (told to stop, as Downpour's); returns the reports by
+    rank, every partition's, and the ranks that never answered (hung:
+    :meth:`Coordinator.gather_lost`)."""
     dispatcher.stop()
-    workers = dispatcher.ranks
-    live = [w for i, w in enumerate(workers) if i not in dispatcher.failed]
+    lay = ctx.layout
+    live = [w for r in range(lay.replicas) if r not in dispatcher.failed
+            for w in lay.worker_ranks(r)]
     reports = dict(zip(live, coord.collect(live), strict=True))
-    coord.lost = {workers[i] for i in dispatcher.failed}
+    coord.lost = {w for r in dispatcher.failed for w in lay.worker_ranks(r)}
     lost, gone = coord.gather_lost()
     reports.update(lost)
     return reports, gone
@@ -281,8 +320,9 @@ def _samples(counts: np.ndarray, ps: ParameterServer, lay) -> int:
     return replica_samples(per_client[1:], lay)
 
 
-def _write(writer, records, client, shard_stats, reports: dict, lay, dispatcher,
-           space) -> None:
+def write_tables(writer, records, client, shard_stats, reports: dict, lay, dispatcher,
+                 space) -> None:
+    """``/sandblaster``, ``/ranks`` and ``/server``, for real and simulated runs alike."""
     columns = {f.name: [getattr(r, f.name) for r in records]
                for f in dataclasses.fields(BatchRecord)}
     columns["done_by"] = np.array(columns["done_by"], np.int64).reshape(len(records), -1)

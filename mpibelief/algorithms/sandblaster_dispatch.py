@@ -19,6 +19,13 @@ evaluation, which decides whether a push it was making counts, see
 Every message is counted, pickled as mpi4py sends it, into :attr:`Dispatcher.bytes_in`
 and :attr:`Dispatcher.bytes_out`: the coordinator's traffic for the gradients is a few
 small tuples per portion, whatever the model's size.
+
+The transport is four methods: :meth:`~Dispatcher.evaluate` and
+:meth:`~Dispatcher.stop` (the waiting loops), ``_serve_one`` (a message in) and
+``_deliver`` (one out); every decision is made in the others, through ``_begin``,
+``_receive`` and ``_end``.  The virtual-time simulator
+(:mod:`mpibelief.simulate.sandblaster_cluster`) replaces those four and nothing else,
+so a simulated run hands portions out by this very code.
 """
 
 from __future__ import annotations
@@ -33,15 +40,17 @@ from mpibelief.portions import DROP, PUSH, PortionBook
 
 
 class Dispatcher:
-    """Hands portions to the replicas' ranks ``ranks`` (one per replica) over ``comm``.
+    """Hands portions to the replicas' ranks ``ranks`` (one per replica: its only rank,
+    or its partition 0, which relays to the others) over ``comm``.
 
     Args:
         push_every, backups, max_copies: passed to each evaluation's
             :class:`PortionBook`.
         clock: the run's clock; timeout: seconds of silence, holding work, before a
             replica is given up on (0: never).
-        exclude: ``exclude(replica) -> [samples per shard]``: the shards refuse that
-            replica's pushes from now on.
+        exclude: ``exclude(replica) -> [samples]``: the shards refuse that replica's
+            pushes (every partition's) from now on; returns what each had summed, one
+            count per shard and partition whose range meets it.
         on_fail: ``on_fail(rank, reason)``: record a replica given up on.
     """
 
@@ -62,17 +71,16 @@ class Dispatcher:
         self.task: tuple = ()  # (batch number, portion bounds) of the evaluation
         self.bytes_in = self.bytes_out = 0
         self.late = 0  # answers to finished evaluations (lost copies still running)
+        # Seconds per portion of each replica (task sent to done read, halved toward
+        # each new one), for the book's tail: a straggler pushes what it has sooner.
+        self.pace: list[float | None] = [None] * len(self.ranks)
+        self.given: dict[int, float] = {}  # replica -> clock time its task was sent
 
     def evaluate(self, number: int, bounds: list[tuple[int, int]]) -> PortionBook:
         """Have the replicas sum the gradient of batch ``number`` (cut at ``bounds``)
         into the shards' accumulator; returns when every portion is pushed and summed.
         """
-        self.evaluation += 1
-        self.task = (number, bounds)
-        book = self.book = PortionBook([hi - lo for lo, hi in bounds], len(self.ranks),
-                                       self.push_every, self.backups, self.max_copies,
-                                       self.failed)
-        self._wake()
+        book = self._begin(number, bounds)
         backoff = Backoff(low=20e-6, high=5e-4)
         while not book.complete:
             if self._serve_one():
@@ -80,6 +88,21 @@ class Dispatcher:
             else:  # only with nothing queued: an answer waiting to be read is not silence
                 self._check_silence()
                 backoff.sleep()
+        return self._end()
+
+    def _begin(self, number: int, bounds: list[tuple[int, int]]) -> PortionBook:
+        """A new evaluation's book; the replicas waiting get their first portions."""
+        self.evaluation += 1
+        self.task = (number, bounds)
+        book = self.book = PortionBook([hi - lo for lo, hi in bounds], len(self.ranks),
+                                       self.push_every, self.backups, self.max_copies,
+                                       self.failed, self.pace)
+        self._wake()
+        return book
+
+    def _end(self) -> PortionBook:
+        """The evaluation is complete: copies still computing are wasted."""
+        book = self.book
         book.stats.wasted += book.wasted_in_flight()
         self.book = None
         return book
@@ -101,15 +124,20 @@ class Dispatcher:
         if not self.comm.Iprobe(MPI.ANY_SOURCE, Tag.WORK, status):
             return False
         rank = status.Get_source()
-        message = self.comm.recv(source=rank, tag=Tag.WORK)
-        self.bytes_in += len(pickle.dumps(message, -1))
-        self._handle(self.index[rank], message)
+        self._receive(self.index[rank], self.comm.recv(source=rank, tag=Tag.WORK))
         return True
+
+    def _receive(self, r: int, message: tuple) -> None:
+        self.bytes_in += len(pickle.dumps(message, -1))
+        self._handle(r, message)
 
     def _handle(self, r: int, message: tuple) -> None:
         kind, *args = message
         book = self.book
         self.holding.pop(r, None)
+        if kind == "done" and r in self.given:
+            took = self.clock.now() - self.given.pop(r)
+            self.pace[r] = took if self.pace[r] is None else 0.5 * (self.pace[r] + took)
         if r in self.failed:  # given up on: out of the run, whatever it says
             self.late += 1
             self.stopped.add(r)
@@ -151,6 +179,11 @@ class Dispatcher:
         self.bytes_out += len(pickle.dumps(message, -1))
         if message[0] in ("task", "push") and self.clock is not None:
             self.holding[r] = self.clock.now()
+            if message[0] == "task":
+                self.given[r] = self.holding[r]
+        self._deliver(r, message)
+
+    def _deliver(self, r: int, message: tuple) -> None:
         self.comm.send(message, dest=self.ranks[r], tag=Tag.TASK)
 
     def _check_silence(self) -> None:
@@ -179,7 +212,8 @@ class Dispatcher:
         self._wake()  # its portions are open: idle replicas take them
 
     def _landed(self, book: PortionBook, r: int, summed: list[int]) -> bool:
-        """Whether the push ``r`` was making reached every shard (or none)."""
+        """Whether the push ``r`` was making reached every shard (or none), from every
+        partition."""
         before, pushing = book.confirmed[r], book.inflight_samples(r)
         if all(s == before + pushing for s in summed):
             return True

@@ -78,6 +78,28 @@ def method(cfg, replicas: int) -> str:
     return name + ("+adagrad" if cfg.train.optimizer == "adagrad" else "")
 
 
+def schedule(cfg, n_train: int, replicas: int) -> tuple[int, int]:
+    """``(steps per epoch, total steps)``: the same on every replica, computed from the
+    whole training set (``n_train`` rows), ``replicas * batch`` rows a step."""
+    per_epoch = max(n_train // (replicas * cfg.train.batch), 1)
+    return per_epoch, max(int(cfg.train.epochs * per_epoch), 1)
+
+
+def replica_batches(cfg, shard, index: int):
+    """Replica ``index``'s endless mini-batch order over its ``shard`` (its own seed)."""
+    rng = np.random.default_rng(cfg.run.seed + 1 + index)
+    return batches(len(shard.y_train), cfg.train.batch, rng)
+
+
+def replica_gradient(model, shard, idx, compressing: bool) -> bool:
+    """``model.grads`` = the gradient of the rows ``idx`` of ``shard``; False if it is
+    not finite.  The codec refuses a non-finite gradient (a finite loss can still
+    overflow it), so compressed runs check it; dense, the averaged update's own check
+    catches it."""
+    loss, _ = model.loss_and_grad(shard.x_train[idx], shard.y_train[idx])
+    return bool(np.isfinite(loss)) and (not compressing or all_finite(model.grads))
+
+
 class DenseExchange:
     """The average of every replica's dense gradient (Iallreduce SUM, then / R)."""
 
@@ -133,12 +155,9 @@ class Trainer:
             self.exchange = StromExchange(n, self.across, cfg.compression, ctx.rank)
         else:
             self.exchange = DenseExchange(n, self.across)
-        # The same step count on every replica: computed from the whole training set.
-        self.steps_per_epoch = max(len(ctx.data.y_train) // (lay.replicas * cfg.train.batch), 1)
-        self.total_steps = max(int(cfg.train.epochs * self.steps_per_epoch), 1)
-        seed = cfg.run.seed + 1 + ctx.role.index
-        self.batches = batches(len(self.data.y_train), cfg.train.batch,
-                               np.random.default_rng(seed))
+        self.steps_per_epoch, self.total_steps = schedule(cfg, len(ctx.data.y_train),
+                                                          lay.replicas)
+        self.batches = replica_batches(cfg, self.data, ctx.role.index)
         self.stats = RankStats(ctx.rank)
         self.control = np.zeros(3, np.int32)
         self.decided = np.zeros(3, np.int32)
@@ -161,12 +180,8 @@ class Trainer:
         """Compute, exchange (with the control words), apply."""
         s, clock, model, cfg = self.stats, self.clock, self.model, self.cfg
         tick = clock.now()
-        idx = next(self.batches)
-        loss, _ = model.loss_and_grad(self.data.x_train[idx], self.data.y_train[idx])
-        # The codec refuses a non-finite gradient (a finite loss can still overflow
-        # it); dense, the averaged update's own check below catches it.
-        compressing = self.exchange.log is not None
-        finite = bool(np.isfinite(loss)) and (not compressing or all_finite(model.grads))
+        finite = replica_gradient(model, self.data, next(self.batches),
+                                  self.exchange.log is not None)
         if not finite:  # take part in this step's collectives all the same; then fail
             model.grads[:] = 0.0
         computed = clock.now()

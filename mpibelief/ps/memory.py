@@ -6,6 +6,12 @@ hands out :class:`MemoryClient` objects with the same methods as the MPI
 ``wait_applied``, ``stats``).  A push is applied when it is made, in the order pushes
 are made, so whoever calls the clients (a test, the virtual-time simulator) decides the
 interleaving of replicas, and with it the staleness, exactly.
+
+:meth:`MemoryServer.command` runs Sandblaster's vector commands
+(:class:`~mpibelief.ps.vectors.VectorCommands`) on the states as
+:meth:`ParameterServer.command <mpibelief.ps.server.ParameterServer.command>` has the
+MPI shards run them, so a :class:`~mpibelief.ps.vectors.ShardSpace` over a
+:class:`MemoryServer` drives L-BFGS on in-memory shards with the same code.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from mpibelief.compression import HEADER_BYTES, split_words
 from mpibelief.layout import Part, parts_of, shard_slices
 from mpibelief.optim import Optimizer, all_finite
 from mpibelief.ps.state import GRADIENT, LOAD, REFUSED, ClientStats, ShardState
+from mpibelief.ps.vectors import VectorCommands
 
 
 class MemoryServer:
@@ -35,9 +42,19 @@ class MemoryServer:
                                   rank=i) for i, s in enumerate(self.slices)]
         self.parts = [parts_of(lo, hi, list(range(shards)), self.slices)
                       for lo, hi in self.ranges]
+        self.shard_ranks = list(range(shards))  # a state's rank is its index
+        self.commands = [VectorCommands(state) for state in self.states]
 
     def client(self, index: int) -> MemoryClient:
         return MemoryClient(self, index)
+
+    def command(self, name: str, *args, shards: list[int] | None = None,
+                reply: bool = False) -> list | None:
+        """Run a vector command on the shards (all by default), in shard order; with
+        ``reply``, their answers (as the MPI server's ``command``)."""
+        ranks = self.shard_ranks if shards is None else shards
+        answers = [getattr(self.commands[s], name)(*args) for s in ranks]
+        return answers if reply else None
 
     def samples_applied(self) -> np.ndarray:
         """Samples applied per client (the least over the shards its range meets)."""

@@ -225,10 +225,17 @@ class ShardState:
             self.stats.refused += 1
             return False
         self.vector(self.accumulate)[lo:lo + data.size] += data
+        self.count_summed(client, samples)
+        return False  # nothing to publish: the parameters did not change
+
+    def count_summed(self, client: int, samples: int) -> None:
+        """Count a push summed into the accumulator: applied, and the samples it covers
+        (the virtual-time simulator counts each push here when it arrives and adds the
+        data of an evaluation's pushes at once, see
+        :mod:`mpibelief.simulate.sandblaster_cluster`)."""
         self.stats.applied += 1
         self.samples[client] += samples
         self.accum_samples[client] += samples
-        return False  # nothing to publish: the parameters did not change
 
     def _write(self, data: np.ndarray, lo: int, rule: Optimizer | None) -> bool:
         """Write the next version: ``data`` applied (or copied) on its range, the rest kept."""

@@ -217,10 +217,12 @@ class ShardSpace:
         self._op("publish", name)
         return [a[-1] for a in self._send(True)]
 
-    def exclude(self, client: int) -> list[int]:
-        """Have every shard refuse ``client``'s pushes; per shard, what it had summed."""
-        self._op("exclude", client)
-        return [int(a[-1]) for a in self._send(True)]
+    def exclude(self, clients: list[int]) -> list[list[int]]:
+        """Have every shard refuse the pushes of ``clients`` (a replica's partitions),
+        in one round trip; per shard, what each of them had summed there."""
+        for client in clients:
+            self._op("exclude", client)
+        return [[int(x) for x in a[-len(clients):]] for a in self._send(True)]
 
     def samples(self) -> np.ndarray:
         """Per shard, per client: samples the accumulated pushes cover (shards x clients)."""

@@ -1,6 +1,7 @@
 """Calibration: the measured costs that drive the simulator, kept in HDF5.
 
-Three measurements, each of the code the simulated phase stands for:
+Three measurements, each of the code the simulated phase stands for (and, for
+synchronous SGD, the exchange's arithmetic: :mod:`.exchange_work`, ``work_*``):
 
 - compute: ``Model.loss_and_grad`` on real mini-batches of the config's data and
   model, timed here (median over ``steps`` after a warm-up that compiles the kernels);
@@ -49,6 +50,7 @@ import h5py
 import numpy as np
 
 from mpibelief.errors import UserError
+from mpibelief.simulate import exchange_work
 from mpibelief.simulate.cluster import Costs
 
 FIELDS = ("compute_per_sample", "apply_per_param", "latency", "bandwidth")
@@ -213,6 +215,8 @@ def measure(cfg, data, rma: Path, steps: int = 20, concurrency: int = 1,
            "network_sizes": net["sizes"], "network_seconds": net["seconds"],
            "n_params": model.n_params, "batch": batch, "rma_file": str(rma),
            "concurrency": concurrency, "contention": contention, "first_step": first}
+    # The sync exchange's arithmetic (reduce, Strom's encode and decode): .exchange_work.
+    raw.update(exchange_work.measure(model.n_params, cfg.compression).scaled(contention).attrs())
     apply_per_param = float(np.median(apply)) / model.n_params
     if run is not None:
         measured = from_run(Path(run), bandwidth)

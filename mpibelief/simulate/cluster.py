@@ -20,9 +20,11 @@ Timeline of one Downpour step of replica r (``n_fetch = n_push = 1``)::
 
 - fetch: the real pull reads the shards' current versions when the phase starts; it
   then lasts ``latency + bytes / bandwidth`` per shard (the client Gets the shards
-  one after another, as ``ParameterClient.pull`` does).
+  one after another, as ``ParameterClient.pull`` does).  A replica of P partitions:
+  each partition its own range, the partitions in parallel (:mod:`.partitioned`).
 - compute: the real forward and backward runs when the phase starts; it lasts
-  ``batch * compute_per_sample`` (times a straggler's slowdown, if drawn).
+  ``batch * compute_per_sample`` (times a straggler's slowdown, if drawn; for P
+  partitions the caller scales the cost, :func:`.partitioned.replica_costs`).
 - push: per shard, the replica waits until its inbox slot there is free (the MPI
   server has one slot per client per shard: ``depth = 1``) and puts its piece
   (``latency + bytes / bandwidth``); then it publishes all pieces at once (as the real
@@ -44,10 +46,12 @@ small and maintained (4.x); it is the only dependency the simulator adds.
 
 Contention on network links is modelled only at the shards, and only with
 ``Costs.shard_links``: each shard's link then carries one transfer at a time per
-direction.  A replica's own transfers are sequential anyway.  Not modelled (each would
-need a measurement to calibrate it first): the network's core (any two links can talk
-at full speed), the coordinator's own costs (evaluation takes no simulated time), and
-model parallelism within a replica (P = 1).
+direction.  A replica's own transfers are sequential anyway (with P partitions, each
+partition's).  Not modelled (each would need a measurement to calibrate it first):
+the network's core (any two links can talk at full speed) and the coordinator's own
+costs (evaluation takes no simulated time).  A replica of P partitions computes the
+whole model's gradient (the same math); only its step time and parallel transfers
+see P (:mod:`.partitioned`).
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ import simpy
 from mpibelief.optim import all_finite
 from mpibelief.ps.memory import MemoryServer
 from mpibelief.ps.state import GRADIENT, REFUSED
+from mpibelief.simulate.partitioned import transfer_seconds
 
 
 @dataclass(frozen=True)
@@ -135,12 +140,14 @@ class SimStore:
 
     It wraps a :class:`~mpibelief.ps.memory.MemoryClient` (same parts, same counters),
     but a push is only recorded here; the cluster puts it on the simulated network and
-    the shards apply it when their turn comes.
+    the shards apply it when their turn comes.  ``pieces``: per partition, ``[(shard,
+    parameters)]`` it moves (:func:`.partitioned.shard_pieces`; default one partition).
     """
 
-    def __init__(self, client):
+    def __init__(self, client, pieces: list | None = None):
         self.client = client
         self.parts, self.stats, self.n_params = client.parts, client.stats, client.n_params
+        self.pieces = pieces or [[(p.rank, p.local.stop - p.local.start) for p in self.parts]]
         self.pending: Pending | None = None
 
     def pull(self, out: np.ndarray) -> np.ndarray:
@@ -247,13 +254,13 @@ class Cluster:
     def _phase(self, r: int, name: str):
         rep, c = self.replicas[r], self.costs
         if name == "fetch":
-            tick, sizes = self.env.now, [(p.rank, 4 * (p.local.stop - p.local.start))
-                                         for p in self.stores[r].parts]
-            if self.links is None:  # one timeout: the Gets follow one another
-                yield self.env.timeout(sum(c.transfer(nbytes) for _, nbytes in sizes))
-            else:
-                for shard, nbytes in sizes:
-                    yield from self._send(shard, 0, nbytes)
+            tick = self.env.now
+            if self.links is None:  # one timeout: each partition's Gets follow one another
+                yield self.env.timeout(transfer_seconds(c, self.stores[r].pieces))
+            else:  # per shard, through its link (partitions' Gets in turn here)
+                for group in self.stores[r].pieces:
+                    for shard, size in group:
+                        yield from self._send(shard, 0, 4 * size)
             rep.stats.comm_seconds += self.env.now - tick
         elif name == "compute":
             seconds = rep.batch * c.compute_per_sample
@@ -278,23 +285,32 @@ class Cluster:
 
         As ``ParameterClient.push``: wait for this client's slot on each shard, Put the
         pieces one after another, flush, and only then publish every slot word, so the
-        shards all see the push at the same moment, at its end.
+        shards all see the push at the same moment, at its end.  A replica of several
+        partitions puts each partition's pieces at once, and publishes after the slowest.
         """
-        parts = self.stores[r].parts
-        for part in parts:
-            slot = self.slots[r][part.rank]
-            if slot is not None and not slot.triggered:
-                tick = self.env.now
-                yield slot
-                self.stores[r].stats.wait_seconds += self.env.now - tick
-            size = part.local.stop - part.local.start
-            yield from self._send(part.rank, 1, 4 * size if pending.grad is not None else 0)
+        parts, pieces = self.stores[r].parts, self.stores[r].pieces
+        nbytes = 4 if pending.grad is not None else 0
+        if len(pieces) == 1:
+            yield from self._put_pieces(r, pieces[0], nbytes)
+        else:
+            yield simpy.AllOf(self.env, [self.env.process(self._put_pieces(r, group, nbytes))
+                                         for group in pieces])
         for s, part in enumerate(parts):
             version = -1 if pending.versions is None else int(pending.versions[s])
             piece = None if pending.grad is None else pending.grad[part.local]
             applied = self.env.event()
             self.slots[r][part.rank] = applied
             self.env.process(self._apply(part, piece, version, r + 1, pending.samples, applied))
+
+    def _put_pieces(self, r: int, group: list, nbytes: int):
+        """One partition's Puts: per shard, wait for the replica's slot, then put."""
+        for shard, size in group:
+            slot = self.slots[r][shard]
+            if slot is not None and not slot.triggered:
+                tick = self.env.now
+                yield slot
+                self.stores[r].stats.wait_seconds += self.env.now - tick
+            yield from self._send(shard, 1, nbytes * size)
 
     def _send(self, shard: int, way: int, nbytes: int):
         """``nbytes`` to (``way`` 1) or from (0) ``shard``: ``latency + nbytes /

@@ -1,4 +1,9 @@
-"""``mpibelief simulate CONFIG``: a Downpour run on the simulated cluster, as a result file.
+"""``mpibelief simulate CONFIG``: a run on a simulated cluster, as a result file.
+
+:data:`SIMULATORS` picks the simulator by ``run.algorithm``: Downpour is here (on
+:mod:`.cluster`); synchronous SGD, Strom-compressed or not, and SGD [1] are in
+:mod:`.sync`; Sandblaster L-BFGS in :mod:`.sandblaster`.  The rest of this docstring
+is Downpour's.
 
 The run is the config's (``layout.shards`` shards, ``layout.replicas`` replicas, the
 same data, model, seeds, ``train`` and ``downpour`` tables as ``mpibelief train``), the
@@ -7,17 +12,21 @@ here: every ``train.eval_every`` *simulated* seconds the shards' parameters are
 evaluated into ``/metrics`` (``wall_seconds`` is simulated seconds), and at the end
 ``/ranks`` and ``/server`` (staleness histogram, busy fractions) are written.  The root
 attributes say ``simulated = True`` and name the calibration file the costs came from.
+Replicas of ``layout.partitions`` > 1: see :mod:`.partitioned` (``/ranks`` then has a
+row per partition, as a real run's, each with its replica's times and its own bytes).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
 import numpy as np
 
 from mpibelief.errors import ConfigError
-from mpibelief.simulate import calibrate
+from mpibelief.simulate import calibrate, partitioned
+from mpibelief.simulate import sync as sync_sim
 from mpibelief.simulate.cluster import Cluster, Costs, Faults, SimStore
 
 
@@ -37,19 +46,49 @@ class SimClock:
 
 
 def check(cfg) -> None:
-    """What the simulator runs today: Downpour, P = 1, dense pushes, explicit R and S."""
-    if cfg.run.algorithm != "downpour":
-        raise ConfigError(f"simulate runs run.algorithm = 'downpour', not {cfg.run.algorithm!r}")
+    """The config's simulator accepts it (one-line ConfigError otherwise)."""
+    _simulator(cfg)[0](cfg)
+
+
+def simulate(cfg, out: Path, calibration: Path, faults: Faults | None = None,
+             overwrite: bool = False, start=None) -> dict:
+    """Run the config on its simulator; write ``out``; return the last ``/metrics`` row.
+    ``start``: float32 parameters to begin from (a warmstart), where the simulator takes
+    one."""
+    extra = {} if start is None else {"start": start}
+    return _simulator(cfg)[1](cfg, out, calibration, faults, overwrite, **extra)
+
+
+def _sandblaster(name: str):
+    """:mod:`.sandblaster`'s ``name``, imported when called (it imports this module)."""
+    def call(*args, **kwargs):
+        from mpibelief.simulate import sandblaster
+
+        return getattr(sandblaster, name)(*args, **kwargs)
+    return call
+
+
+def _simulator(cfg):
+    if cfg.run.algorithm not in SIMULATORS:
+        raise ConfigError(f"simulate runs run.algorithm = {' or '.join(map(repr, SIMULATORS))},"
+                          f" not {cfg.run.algorithm!r}")
+    return SIMULATORS[cfg.run.algorithm]
+
+
+def check_downpour(cfg) -> None:
+    """What the Downpour simulator runs: dense pushes, explicit R and S."""
     lay = cfg.layout
-    if lay.replicas < 1 or lay.shards < 1 or lay.partitions != 1:
-        raise ConfigError("simulate needs layout.replicas >= 1, layout.shards >= 1 and"
-                          " layout.partitions = 1 (e.g. --set layout.replicas=4)")
+    if lay.replicas < 1 or lay.shards < 1:
+        raise ConfigError("simulate needs layout.replicas >= 1 and layout.shards >= 1"
+                          " (e.g. --set layout.replicas=4)")
     if cfg.compression.enabled:
         raise ConfigError("simulate does not model compressed pushes yet")
 
 
 def build(cfg, data, costs: Costs, faults: Faults, start: np.ndarray | None = None):
-    """The coordinator's model, the shard states (loaded) and the cluster.
+    """The coordinator's model, the shard states (loaded) and the cluster.  ``costs`` are
+    a replica's (for P partitions: :func:`.partitioned.replica_costs`); the stores move
+    each partition's range in parallel.
 
     ``start``: a parameter vector to start from instead of the seeded initialisation
     (a shared warmstart, as every distributed run of the paper's Figure 4 had)."""
@@ -59,7 +98,7 @@ def build(cfg, data, costs: Costs, faults: Faults, start: np.ndarray | None = No
     from mpibelief.ps.memory import MemoryServer
     from mpibelief.worker import Replica
 
-    R, S = cfg.layout.replicas, cfg.layout.shards
+    R, S, P = cfg.layout.replicas, cfg.layout.shards, cfg.layout.partitions
     model = Model.from_config(cfg.model, data.n_inputs, data.n_classes)
     model.init(cfg.run.seed, cfg.model.init_scale)
     if start is not None:
@@ -73,11 +112,12 @@ def build(cfg, data, costs: Costs, faults: Faults, start: np.ndarray | None = No
     server = MemoryServer(n, S, optimizer, ranges=[(0, n)] * (R + 1))
     server.client(0).load(model.params)
     clock, stores, replicas, steps = SimClock(), [], [], []
+    pieces = partitioned.shard_pieces(model, P, server.slices)
     for r in range(R):
-        stores.append(SimStore(server.client(r + 1)))
+        stores.append(SimStore(server.client(r + 1), pieces))
         shard = data.shard(r, R)
         own = Model.from_config(cfg.model, data.n_inputs, data.n_classes)
-        replicas.append(Replica(1 + S + r, own, stores[-1], shard, cfg.train, cfg.downpour,
+        replicas.append(Replica(1 + S + r * P, own, stores[-1], shard, cfg.train, cfg.downpour,
                                 seed=cfg.run.seed + 1 + r, clock=clock))
         warm = cfg.downpour.warmstart_steps if r == 0 else 0
         steps.append(steps_per_replica(cfg, len(shard.y_train)) + warm)
@@ -87,8 +127,8 @@ def build(cfg, data, costs: Costs, faults: Faults, start: np.ndarray | None = No
     return model, server, cluster
 
 
-def simulate(cfg, out: Path, calibration: Path, faults: Faults | None = None,
-             overwrite: bool = False, start: np.ndarray | None = None) -> dict:
+def simulate_downpour(cfg, out: Path, calibration: Path, faults: Faults | None = None,
+                      overwrite: bool = False, start: np.ndarray | None = None) -> dict:
     """Run the config on the simulated cluster; write ``out``; return the last row.
 
     ``start``: float32 parameters to start from (e.g. a shared warmstart) instead of
@@ -100,20 +140,21 @@ def simulate(cfg, out: Path, calibration: Path, faults: Faults | None = None,
     from mpibelief.progress import Progress
     from mpibelief.results import ResultWriter
 
-    check(cfg)
+    check_downpour(cfg)
     faults = faults or Faults()
     costs = calibrate.read(calibration)
     data = load_dataset(cfg.data)
-    model, server, cluster = build(cfg, data, costs, faults, start)
-    R, S = cfg.layout.replicas, cfg.layout.shards
-    lay = make_layout(1 + S + R, S, R, 1)
+    R, S, P = cfg.layout.replicas, cfg.layout.shards, cfg.layout.partitions
+    replica, split = partitioned.replica_costs(costs, _shape(cfg, data), cfg.train.batch, P)
+    model, server, cluster = build(cfg, data, replica, faults, start)
+    lay = make_layout(1 + S + R * P, S, R, P)
     name = method(cfg, R)
     attrs = {"config": cfg.to_toml(), "algorithm": "downpour", "method": name,
              "world_size": lay.world, "roles": lay.table(), "dataset": data.name,
              "n_classes": data.n_classes, "n_params": model.n_params, "replicas": R,
              "simulated": True, "calibration": str(calibration),
              **{f"cost_{k}": getattr(costs, k) for k in calibrate.FIELDS},
-             "faults": repr(faults),
+             "faults": repr(faults), **split.attrs(),
              "started_from": "init" if start is None else "given vector"}
     evaluate = Evaluator(data, cfg.train.eval_samples, cfg.run.seed)
     total = sum(cluster.steps) * cfg.train.batch
@@ -126,6 +167,13 @@ def simulate(cfg, out: Path, calibration: Path, faults: Faults | None = None,
         writer.set_attrs({"real_seconds": time.perf_counter() - started,
                           "failed_replicas": sorted(cluster.failed)})
     return row
+
+
+def _shape(cfg, data):
+    """The config's model, unallocated: its layers' shapes for the scaling model."""
+    from mpibelief.model import Model
+
+    return Model.from_config(cfg.model, data.n_inputs, data.n_classes, allocate=False)
 
 
 def _loop(cfg, cluster, server, model, evaluate, writer, progress) -> dict:
@@ -159,13 +207,27 @@ def _tables(writer, lay, server, cluster) -> None:
     rows = [RankStats(lay.coordinator_rank)]
     rows += [RankStats(rank, 0, now, t.busy_seconds, 0.0, now - t.busy_seconds)
              for rank, t in zip(lay.shard_ranks(), cluster.times, strict=True)]
-    for rep, store in zip(cluster.replicas, cluster.stores, strict=True):
+    n = server.n_params
+    for r, (rep, store) in enumerate(zip(cluster.replicas, cluster.stores, strict=True)):
         rep.stats.wait_seconds = store.stats.wait_seconds
         rep.stats.bytes_pushed, rep.stats.bytes_pulled = (store.stats.bytes_pushed,
                                                           store.stats.bytes_pulled)
-        rows.append(rep.stats.rank_stats())
+        whole = rep.stats.rank_stats()
+        for rank, group in zip(lay.worker_ranks(r), store.pieces, strict=True):
+            share = sum(size for _, size in group)  # this partition's parameters
+            rows.append(dataclasses.replace(whole, rank=rank,
+                                            bytes_pushed=whole.bytes_pushed // n * share,
+                                            bytes_pulled=whole.bytes_pulled // n * share))
     writer.write_ranks(rows)
     writer.write_table("server", {
         **server_table(lay, shard_stats, np.array(cluster.busy_fractions())),
         "max_queue": [t.max_queue for t in cluster.times],
     })
+
+
+SIMULATORS = {  # run.algorithm -> (check, simulate)
+    "downpour": (check_downpour, simulate_downpour),
+    "sync": (sync_sim.check, sync_sim.simulate),
+    "sgd": (sync_sim.check, sync_sim.simulate),
+    "sandblaster": (_sandblaster("check"), _sandblaster("simulate")),
+}

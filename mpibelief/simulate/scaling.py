@@ -20,7 +20,8 @@ Exchanges are not overlapped with compute (the fully connected layers' overlap i
 bytes are many.
 
 ``python -m mpibelief.simulate.scaling results/fig3_measured.h5 [--preset 1gbe]
-[--factor F] [--partitions 1,2,4,...] [--models ...]`` times the models, predicts
+[--factor F] [--partitions 1,2,4,...] [--models ...]`` times the models (by default
+those the file measured, from the configs it recorded), predicts
 every ``P`` for every preset and this machine's measured MPI, validates against
 every measured case (within 25%), prints and stores it all in the same file under
 ``/model``.
@@ -44,6 +45,7 @@ from mpibelief.simulate.network import PRESETS, Network  # noqa: E402
 
 PAPER_PARTITIONS = [1, 2, 4, 8, 16, 32, 36, 64, 100, 128, 144]
 MODELS = ["speech", "images_80m", "images_330m", "images_1700m"]
+REPO = Path(__file__).resolve().parents[2]
 TOLERANCE = 0.25  # issue 7: predictions within 25% of measurement
 
 
@@ -111,13 +113,41 @@ def local_network(f) -> Network:
     return Network("local", float(attrs["latency"]), float(attrs["bandwidth"]))
 
 
-def build_model(name: str, batch: int | None):
-    """The model of ``configs/<name>.toml`` (unallocated) and its mini-batch."""
+def model_config(entry: str) -> tuple[str, Path]:
+    """A model as a command line names it: ``(name, config file)``.  A name stands for
+    ``configs/<name>.toml``; a path ending in ``.toml`` is that file, named by its stem
+    (relative paths start at the current folder, or at the checkout for the paths a
+    bench file records)."""
+    if not entry.endswith(".toml"):
+        return entry, REPO / "configs" / f"{entry}.toml"
+    path = Path(entry)
+    if not path.is_absolute() and not path.exists() and (REPO / path).exists():
+        path = REPO / path
+    return path.stem, path.resolve()
+
+
+def build_model(config: Path, batch: int | None):
+    """The model of a config file (unallocated) and its mini-batch."""
     from mpibelief.simulate.steptime import build
 
-    config = Path(__file__).resolve().parents[2] / "configs" / f"{name}.toml"
     cfg, model = build(str(config), [f"train.batch={batch}"] if batch else [])
     return model, cfg.train.batch
+
+
+def fitted_models(f, entries: list[str]) -> dict[str, tuple[Path, int | None]]:
+    """``{name: (config, batch)}`` to fit: those named on the command line, else those
+    the file measured (each from the config the bench recorded), else all of Figure 3.
+    The batch is the measured one, so that prediction and measurement agree."""
+    measured = f.get("measured", {})
+    if entries:
+        named = dict(model_config(e) for e in entries)
+    elif measured:
+        named = {n: model_config(str(g.attrs.get("config", n)))[1]
+                 for n, g in measured.items()}
+    else:
+        named = dict(model_config(m) for m in MODELS)
+    return {n: (path, int(next(iter(measured[n].values())).attrs["batch"])
+                if n in measured else None) for n, path in named.items()}
 
 
 def validate(f, fitted: dict, net: Network) -> list[tuple]:
@@ -207,15 +237,16 @@ def main(argv=None) -> int:
     parser.add_argument("--factor", type=float, default=1.0,
                         help="compute-speed factor: seconds multiplied by it (older CPU > 1)")
     parser.add_argument("--partitions", default=",".join(map(str, PAPER_PARTITIONS)))
-    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--models", default="",
+                        help="names under configs/ or config files, comma-separated"
+                             " (default: the models the file measured)")
     args = parser.parse_args(argv)
     chosen, parts = preset(args.preset), [2, *map(int, args.partitions.split(","))]
     fitted, tick = {}, time.perf_counter()
     with h5py.File(args.file, "r") as f:
-        batches = {n: int(next(iter(g.values())).attrs["batch"])
-                   for n, g in f.get("measured", {}).items()}
-    for name in [m for m in args.models.split(",") if m]:
-        model, batch = build_model(name, batches.get(name))
+        models = fitted_models(f, [m for m in args.models.split(",") if m])
+    for name, (config, batch) in models.items():
+        model, batch = build_model(config, batch)
         started = time.perf_counter()
         fitted[name] = Scaling(model, batch, parts)
         print(f"timed {name}: {fitted[name].timer.timed} distinct tiles for P up to"

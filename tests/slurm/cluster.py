@@ -174,8 +174,10 @@ class PrivateSlurm:
             if states and all(s in DONE for s in states):
                 return states
             if time.monotonic() > deadline:
+                why = [task.get("Reason", "?") for task in self.jobs(job)]  # before scancel
                 self.query("scancel", job)
-                raise TimeoutError(f"job {job} still {states} after {timeout:.0f} s")
+                raise TimeoutError(f"job {job} still {states} after {timeout:.0f} s"
+                                   f" (reason {why})")
             time.sleep(0.5)
 
     def logs(self) -> str:

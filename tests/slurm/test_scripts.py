@@ -49,6 +49,41 @@ def test_nothing_names_this_machine():
         assert "/work/" not in text, path.name
 
 
+@pytest.mark.parametrize("n", [4, 5])
+def test_a_simulated_campaign_is_one_task_then_its_figure(n):
+    """Checks first, then the warm-up, the bench with the options unchanged, and the
+    plot of the file the bench wrote (the submission test comes with bench/figN.py)."""
+    text = (SLURM / f"fig{n}.sbatch").read_text()
+    directives = dict(re.findall(r"^#SBATCH --([a-z-]+)=(\S+)", text, re.M))
+    assert directives["nodes"] == directives["ntasks"] == "1"
+    body = [line for line in text.splitlines() if line and not line.startswith("#")]
+    steps = ["mb_threads", "if ((ntasks != 1)); then", f'mb_figure_out results/fig{n}.h5 "$@"',
+             "mb_warm configs/demo.toml", f'"$PYTHON" bench/fig{n}.py "$@"',
+             f'"$PYTHON" -m mpibelief plot fig{n} "$MB_FIG_OUT" --out "${{MB_FIG_OUT%.h5}}.png"']
+    found = [body.index(step) if step in body else None for step in steps]
+    assert None not in found and found == sorted(found), list(zip(steps, found, strict=True))
+
+
+def figure_out(*args: str):
+    """slurm/common.sh's mb_figure_out in a shell of its own: (exit code, out, stderr)."""
+    script = 'source slurm/common.sh; mb_figure_out "$@"; echo "$MB_FIG_OUT"'
+    result = subprocess.run(["bash", "-c", script, "bash", *args], cwd=REPO, env=ENV,
+                            capture_output=True, text=True, timeout=30)
+    return result.returncode, result.stdout.strip(), result.stderr.strip()
+
+
+def test_a_campaign_finds_its_result_file_and_never_replaces_one(tmp_path):
+    taken = tmp_path / "taken.h5"
+    assert figure_out("results/new_fig.h5", "--quick") == (0, "results/new_fig.h5", "")
+    assert figure_out("d.h5", "--out", "x.h5", "--quick")[:2] == (0, "x.h5")
+    assert figure_out("d.h5", "--quick", "--out=y.h5")[:2] == (0, "y.h5")
+    taken.write_text("someone's")
+    assert figure_out(str(taken)) == (2, "", f"mpibelief: error: {taken} exists: pass"
+                                            " --overwrite to replace it")
+    assert figure_out("d.h5", "--out", str(taken), "--overwrite")[:2] == (0, str(taken))
+    assert figure_out("d.h5", "--out") == (2, "", "mpibelief: error: --out needs a file")
+
+
 def dry_run(*args: str):
     return subprocess.run([str(SLURM / "campaign.sh"), "-d", *args], cwd=REPO, env=ENV,
                           capture_output=True, text=True, timeout=60)

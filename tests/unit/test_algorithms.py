@@ -23,8 +23,8 @@ def write(tmp_path, text: str):
         ('[run]\nalgorithm = "downpour"\n', "needs layout.shards >= 1"),
         ('[run]\nalgorithm = "sgd"\n[layout]\nshards = 2\n', "set layout.shards = 0"),
         ('[run]\nalgorithm = "sync"\n[layout]\npartitions = 2\n', "not built yet"),
-        ('[run]\nalgorithm = "sandblaster"\n[layout]\nshards = 1\npartitions = 2\n',
-         "not built yet"),
+        ('[run]\nalgorithm = "sandblaster"\n[layout]\nshards = 0\n',
+         "needs layout.shards >= 1"),
     ],
 )
 def test_bad_algorithm_configs_name_the_key_and_file(tmp_path, text, needle):

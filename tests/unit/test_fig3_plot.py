@@ -41,7 +41,8 @@ def small_file(path: Path) -> None:
     network = {"sizes": [8, 1024], "seconds": [2e-6, 3e-6], "latency": 2e-6,
                "bandwidth": 8e9}
     bench.write(path, found, {("images_1700m", 2): "does not fit"}, network,
-                Namespace(repeats=2, steps=1))
+                Namespace(repeats=2, steps=1,
+                          configs={"speech": BENCH.parents[1] / "configs" / "speech.toml"}))
     fitted = {"speech": Scaling(Model(20, 6, 16, 2, "sigmoid", allocate=False), 8, [2, 4])}
     with h5py.File(path, "r+") as f:
         rows = validate(f, fitted, local_network(f))
@@ -60,6 +61,7 @@ def test_fig3_draws_from_the_bench_file(tmp_path, capsys):
     assert list(data["curves"]["speech"]["partitions"]) == [1, 2, 4]
     with h5py.File(path) as f:
         assert len(f["model/validation/error"]) == 2 and "git_commit" in f.attrs
+        assert f["measured/speech"].attrs["config"] == "configs/speech.toml"  # for a refit
     out = tmp_path / "fig3.png"
     assert main(["plot", "fig3", str(path), "--out", str(out)]) == 0
     assert out.stat().st_size > 20_000 and "wrote" in capsys.readouterr().out

@@ -29,6 +29,11 @@ LAYERS = {  # module prefix -> layer; the longest matching prefix wins
     "mpibelief.janitor": 4,
     "mpibelief.plots": 4,
     "mpibelief.simulate": 4,
+    "mpibelief.simulate.sync": 4,  # sync/Strom/SGD[1] on a virtual clock (uses algorithms)
+    "mpibelief.simulate.collectives": 4,
+    "mpibelief.simulate.exchange_work": 4,
+    "mpibelief.simulate.sandblaster": 4,  # the simulated Sandblaster: entry and cluster
+    "mpibelief.simulate.sandblaster_cluster": 4,
 }
 
 

@@ -20,7 +20,7 @@ from mpibelief.portions import DROP, PUSH, PortionBook, batch_rows, portion_boun
 
 
 def play(sizes, speeds, push_every, backups, seed=0, max_copies=2, fail=None,
-         push_time=0.01):
+         push_time=0.01, pace=None):
     """Run one evaluation; returns (book, portions summed by the 'shards', makespan).
 
     ``fail = [r, at, landed]``: replica ``r`` goes silent at time ``at`` and is given up
@@ -28,7 +28,7 @@ def play(sizes, speeds, push_every, backups, seed=0, max_copies=2, fail=None,
     it was pushing is appended to ``fail``.
     """
     rng = np.random.default_rng(seed)
-    book = PortionBook(sizes, len(speeds), push_every, backups, max_copies)
+    book = PortionBook(sizes, len(speeds), push_every, backups, max_copies, pace=pace)
     summed: Counter = Counter()
     sums = [[] for _ in speeds]  # the portions in each replica's running sum
     events, waiting, t = [], set(), 0.0
@@ -107,6 +107,39 @@ def test_a_straggler_does_less_work():
     book, _, _ = play([1] * 40, (1.0, 0.25), 2, False)
     fast, slow = book.stats.done_by
     assert fast > 2.5 * slow  # dynamic balancing: work follows speed
+
+
+def test_a_straggler_by_pace_pushes_before_the_fresh_work_runs_out():
+    """Replica 1 is 4x slower.  With 3 fresh portions left it finishes one: counting
+    replicas it would go on summing (3 >= 2 replicas), but the fast one will have
+    taken all 3 before it finishes another, so by pace it pushes now."""
+    decisions = {}
+    for pace in (None, [1.0, 4.0]):
+        book = PortionBook([1] * 16, 2, push_every=4, backups=True, pace=pace)
+        assert book.next_task(1) == 0
+        for p in range(1, 13):
+            assert book.next_task(0) == p
+            if book.finished(0, p, 1.0) == PUSH:
+                book.pushed(0)
+        assert len(book.fresh) == 3
+        decisions[pace is not None] = book.finished(1, 0, 1.0)
+        assert not book.tail(0)  # the fast one goes on either way: 3 >= 1 + 1/4
+    assert decisions == {False: "continue", True: PUSH}
+
+
+def test_pushing_by_pace_keeps_backups_from_redoing_a_stragglers_sum():
+    """With push_every 4 and the count rule, the straggler's finished portions are
+    still unpushed when the fast replica runs out of fresh work: its copies redo
+    them, and backups gain almost nothing; by pace they redo only the portion in
+    progress."""
+    sizes, speeds = [1] * 8, (1.0, 0.25)
+
+    def makespan(backups, pace):
+        return np.median([play(sizes, speeds, 4, backups, s, pace=pace)[2] for s in range(9)])
+
+    off, counted, paced = makespan(False, None), makespan(True, None), makespan(True, [1, 4])
+    assert paced < counted and paced < off - 0.8  # of about 8 fast portions' time
+    assert counted > off - 0.2
 
 
 def test_a_copy_that_wins_drops_the_whole_sum_holding_it():

@@ -71,3 +71,26 @@ def test_presets_and_an_unknown_one():
     assert preset("1gbe").bandwidth < preset("10gbe").bandwidth < preset("infiniband").bandwidth
     with pytest.raises(Exception, match="unknown network preset"):
         preset("token-ring")
+
+
+def test_the_refit_takes_the_models_the_file_measured_from_their_configs(tmp_path):
+    import h5py
+
+    from mpibelief.simulate.scaling import REPO, fitted_models, model_config
+
+    assert model_config("speech") == ("speech", REPO / "configs" / "speech.toml")
+    own = tmp_path / "mine.toml"
+    assert model_config(str(own)) == ("mine", own)
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        f.create_group("measured/mine/P1").attrs["batch"] = 4
+        f["measured/mine"].attrs["config"] = str(own)
+        f.create_group("measured/speech/P2").attrs["batch"] = 8  # a file from before
+        assert fitted_models(f, []) == {"mine": (own, 4), "speech": (REPO / "configs" /
+                                                                     "speech.toml", 8)}
+        # Named on the command line: those only, the measured batch where there is one.
+        assert fitted_models(f, ["images_80m", "speech"]) == {
+            "images_80m": (REPO / "configs" / "images_80m.toml", None),
+            "speech": (REPO / "configs" / "speech.toml", 8)}
+    with h5py.File(tmp_path / "empty.h5", "w") as f:
+        assert list(fitted_models(f, [])) == ["speech", "images_80m", "images_330m",
+                                              "images_1700m"]
