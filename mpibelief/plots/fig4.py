@@ -80,8 +80,9 @@ def _our_panel(ax, data: dict, colors: dict) -> None:
         a, m = run["attrs"], run["metrics"]
         t = np.concatenate([[w0], w0 + m["wall_seconds"]])
         acc = 100 * np.concatenate([[warm["test_accuracy"][-1]], m["test_accuracy"]])
+        rate = float(a["lr"])
         ax.plot(t, acc, "-o", color=colors[key], lw=1.6, ms=2.5,
-                label=f"{a['name']} (lr {float(a['lr']):g})")
+                label=f"{a['name']} ({f'lr {rate:g}' if math.isfinite(rate) else 'L-BFGS'})")
         hit = float(a.get("time_to_target", math.nan))
         if math.isfinite(hit):
             ax.plot(hit, target, "o", color=colors[key], mec="k", ms=7)
