@@ -43,6 +43,7 @@ from fig4 import (  # noqa: E402
     SGD_RATES,
     SYNC_RATES,
     sandblaster_sets,
+    sandblaster_shards,
 )
 
 from mpibelief.simulate.campaign import Method  # noqa: E402
@@ -70,7 +71,8 @@ def methods(args) -> list[Method]:
     rows += [Method(f"Downpour [{R}]{_p(P)}", "downpour", R, s(R), P, sgd, SGD_RATES,
                     "Downpour") for R, P in fixed]
     rows += [Method(f"Sandblaster L-BFGS [{R}]{_p(P)}", "sandblaster", R,
-                    s(min(R, 200)), P, sandblaster_sets(R, q), (),
+                    sandblaster_shards(min(R, 200), q, args.shards_per_replica), P,
+                    sandblaster_sets(R, q), (),
                     "Sandblaster L-BFGS") for R, P in sb]
     rows += [Method(f"Sync allreduce [{R}] + Adagrad{_p(P)}", "sync", R, 0, P, ada,
                     SYNC_RATES, "Sync allreduce + Adagrad") for R, P in sync]
