@@ -80,8 +80,11 @@ def _our_panel(ax, data: dict, colors: dict) -> None:
         a, m = run["attrs"], run["metrics"]
         t = np.concatenate([[w0], w0 + m["wall_seconds"]])
         acc = 100 * np.concatenate([[warm["test_accuracy"][-1]], m["test_accuracy"]])
-        ax.plot(t, acc, "-o", color=colors[key], lw=1.6, ms=2.5,
-                label=f"{a['name']} (lr {float(a['lr']):g})")
+        rate = float(a["lr"])
+        how = f"lr {rate:g}" if math.isfinite(rate) else "L-BFGS"
+        if t[-1] < 0.95 * float(attrs.get("horizon", 0.0)):  # a row run shorter (its sets)
+            how += f", stopped at {t[-1]:.2f} s"
+        ax.plot(t, acc, "-o", color=colors[key], lw=1.6, ms=2.5, label=f"{a['name']} ({how})")
         hit = float(a.get("time_to_target", math.nan))
         if math.isfinite(hit):
             ax.plot(hit, target, "o", color=colors[key], mec="k", ms=7)

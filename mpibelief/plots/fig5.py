@@ -122,8 +122,9 @@ def plot_fig5(path: str, out: str | None = None) -> Path:
     notes._legend_box.align = "left"  # the title's lines flush left
     quick = " (QUICK: plumbing sizes, not a result)" if attrs.get("quick") else ""
     fig.suptitle(f"Figure 5: FSDD, {int(attrs['n_params']) / 1e6:.2f}M parameters,"
-                 f" simulated on {attrs['network']}; each run {float(attrs['epochs']):g}"
-                 f" epochs at most{quick}", fontsize=11)
+                 f" simulated on {attrs['network']}; every run to"
+                 f" {float(attrs['horizon']):.2f} s or {float(attrs['epochs']):g} epochs"
+                 f"{quick}", fontsize=11)
     target = Path(out) if out else source.parent / "fig5.png"
     target.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(target, dpi=90)

@@ -225,7 +225,7 @@ class Campaign:
             cfg = self.config(m, best)
         run = self._simulate(m, cfg, m.key)
         run["signature"] = self.signature(m)
-        run["lr"] = cfg.train.lr
+        run["lr"] = math.nan if m.algorithm == "sandblaster" else cfg.train.lr  # L-BFGS
         run["optimizer"] = cfg.train.optimizer
         run["epochs"] = cfg.train.epochs
         if tuning:

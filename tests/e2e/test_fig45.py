@@ -36,7 +36,10 @@ def test_quick_campaigns_write_valid_files_and_both_figures_draw(tmp_path):
     data = campaign.read(fig4)
     attrs = data["attrs"]
     assert attrs["quick"] and attrs["network"] == "1gbe" and attrs["epochs"] == 0.05
-    assert set(data["runs"]) >= {"downpour_4", "downpour_4_adagrad", "downpour_8_adagrad"}
+    rows = {"sgd_1", "downpour_4", "downpour_4_adagrad", "downpour_8_adagrad",
+            "sandblaster_l_bfgs_8", "sync_allreduce_4_adagrad", "sync_4_strom_1_adagrad"}
+    assert set(data["runs"]) | set(data["skipped"]) == rows  # every row: run, or why not
+    assert {"downpour_4", "downpour_4_adagrad", "downpour_8_adagrad"} <= set(data["runs"])
     best = max(r["metrics"]["test_accuracy"].max() for r in data["runs"].values())
     assert attrs["warmstart_accuracy"] < attrs["target"] <= best
     times = [r["attrs"]["time_to_target"] for r in data["runs"].values()]
@@ -44,9 +47,11 @@ def test_quick_campaigns_write_valid_files_and_both_figures_draw(tmp_path):
     assert not data["skipped"], data["skipped"]  # every method is simulated
     assert {r["attrs"]["algorithm"] for r in data["runs"].values()} >= {
         "sgd", "downpour", "sandblaster", "sync"}
+    assert math.isnan(data["runs"]["sandblaster_l_bfgs_8"]["attrs"]["lr"])  # L-BFGS: no rate
 
     done = bench("fig5.py", "--quick", "--out", fig5, "--calibration", cal,
-                 "--target-from", fig4, "--methods", "adagrad")
+                 "--target-from", fig4, "--methods", "downpour_4_adagrad,downpour_8_adagrad,"
+                 "downpour_8_adagrad_4_cores_each,downpour_16_adagrad")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "reused from" in done.stdout  # Downpour [4] + Adagrad is Figure 4's row
     five = campaign.read(fig5)

@@ -88,7 +88,8 @@ def made_campaign(tmp_path, name="fig4"):
     costs = CoreCosts({1: 4e-5, 4: 1.3e-5}, {"sgd": 2e-10, "adagrad": 3e-9}, preset("1gbe"),
                       (0.9, 1.1))
     attrs = {"campaign": name, "target": 0.52, "n_params": 10, "network": "1gbe",
-             "latency": 50e-6, "bandwidth": 117e6, "epochs": 4.0, "quick": False}
+             "latency": 50e-6, "bandwidth": 117e6, "epochs": 4.0, "horizon": 4.0,
+             "quick": False}
     out = tmp_path / f"{name}.h5"
     campaign.write(out, attrs, costs, warm, runs, {rows[3].key: "not simulated yet"},
                    {m.key: m for m in rows})
