@@ -69,33 +69,26 @@ LARGE_RATES = (0.00001, 0.00003, 0.0001)  # Adagrad at R = 200
 SYNC_RATES = (0.001, 0.003, 0.01)  # no staleness: one fresh Adagrad step at a time
 
 
-# Sandblaster's rows have 10 shards (quick: as Downpour's), not R/2: its simulator models
-# no contention on the shards' links (simulate/sandblaster_cluster.py), so S hardly
-# changes its simulated time (a replica's pull and push are S latencies and the 2 MB; a
-# shard sums R pushes of n/S parameters), while its real time grows with R x S
-# (the SimPy events of every replica's pull and push at every shard: ~140,000 per
-# evaluation at R = 2000, S = 10, profiled).  Measured at load ~10: R = 2000's first
-# three evaluations took 204 s of real time with S = 100 and 49 s with S = 10, and
-# the whole row 23 s an evaluation with S = 10.  For the same reason the rows of
-# SANDBLASTER_LARGE replicas or more stop at SANDBLASTER_SECONDS (simulated, on the
-# row's clock) instead of the horizon: 51 evaluations, 20 min, against ~125 to it.
+# Sandblaster's rows have 10 shards (quick: as Downpour's), not R/2: its real time grows
+# with R x S (the SimPy events of every replica's pull and push at every shard: ~140,000
+# per evaluation at R = 2000, S = 10, profiled before shard links; measured at load ~10:
+# R = 2000's first three evaluations took 204 s of real time with S = 100 and 49 s with
+# S = 10).  Since its pulls and pushes share the shards' links (as Downpour's), S sets
+# its simulated time too: an evaluation moves R x 2 MB each way through S links, so the
+# rows are slower than Downpour's R/2 shards would make them (see the README).  Every
+# row runs to the horizon: the 3 s cap R >= 1000 had when evaluations took 0.06 s
+# (51 evaluations, 20 min of real time) is gone, an evaluation now takes seconds.
 SANDBLASTER_SHARDS = 10
-SANDBLASTER_LARGE = 1000
-SANDBLASTER_SECONDS = 3.0
 
 
 def sandblaster_sets(replicas: int, quick: bool) -> tuple[str, ...]:
     """Batches of 8192 frames (the configuration simulate/sandblaster.py was measured
     with: 68.0% at every R after 220 steps from scratch), one portion per replica (4
     frames each at R = 2000, the simulator's minimum; the paper's portions were "much
-    smaller than 1/N of a batch"), as many L-BFGS steps as the horizon allows (from
-    SANDBLASTER_LARGE replicas: SANDBLASTER_SECONDS); --quick: batches of 1024 and 3
-    steps."""
-    sets = (f"sandblaster.batch={1024 if quick else 8192}", f"sandblaster.portions={replicas}",
+    smaller than 1/N of a batch"), as many L-BFGS steps as the horizon allows; --quick:
+    batches of 1024 and 3 steps."""
+    return (f"sandblaster.batch={1024 if quick else 8192}", f"sandblaster.portions={replicas}",
             f"sandblaster.iterations={3 if quick else 100000}")
-    if replicas >= SANDBLASTER_LARGE and not quick:
-        sets += (f"train.max_seconds={SANDBLASTER_SECONDS:g}",)
-    return sets
 
 
 def sandblaster_shards(replicas: int, quick: bool, per_replica: float) -> int:

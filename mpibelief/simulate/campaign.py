@@ -65,6 +65,11 @@ COUNTING = ("machines = replicas + shards (+1 Sandblaster coordinator); cores = 
             " partitions + shards (+1): a replica is one machine whose cores hold its"
             " partitions, a shard one machine with one core")
 EXTEND = 2  # trial rates beyond a grid whose best is at its edge
+# What changed in an algorithm's simulator since its rows were first run: part of the
+# row's signature, so --reuse never takes a row run before the change.  Sandblaster:
+# its pulls and pushes go through the shards' links (Costs.shard_links), as Downpour's
+# always did; its rows run before that were timed without link contention.
+SIMULATOR_REVISIONS = {"sandblaster": "pulls and pushes share the shards' links"}
 METRIC_COLUMNS = ("wall_seconds", "samples", "updates", "train_loss", "train_accuracy",
                   "test_loss", "test_accuracy")
 
@@ -199,18 +204,21 @@ class Campaign:
     def signature(self, m: Method) -> str:
         """SHA-256 of everything a row's run depends on: the row, the base config's
         text, the shared overrides, the warmstart, the costs, the evaluations and the
-        tuning (two campaigns may share a run only if these are equal)."""
+        tuning, and the simulator's revision for the row's algorithm
+        (``SIMULATOR_REVISIONS``; two campaigns may share a run only if these are equal)."""
         from mpibelief.simulate.warmstart import digest
 
         c = self.costs
-        text = json.dumps({
+        fields = {
             "row": [m.algorithm, m.replicas, m.shards, m.partitions, list(m.sets),
                     list(m.rates)], "base": Path(self.base).read_text(),
             "common": list(self.common), "start": digest(self.start),
             "costs": [c.compute.get(m.partitions), sorted(c.apply.items()),
                       c.network.latency, c.network.bandwidth, list(c.spread)],
-            "evals": self.evals, "tune_fraction": self.tune_fraction, "extend": EXTEND},
-            sort_keys=True)
+            "evals": self.evals, "tune_fraction": self.tune_fraction, "extend": EXTEND}
+        if m.algorithm in SIMULATOR_REVISIONS:  # absent otherwise: old rows stay reusable
+            fields["simulator"] = SIMULATOR_REVISIONS[m.algorithm]
+        text = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
 
     def run(self, m: Method) -> tuple[dict | None, str | None]:

@@ -81,12 +81,13 @@ on the real ranks (timestamps in the client and the shard, 461 pushes, load 4):
 
 Contention on network links is modelled only at the shards, and only with
 ``Costs.shard_links``: each shard's link then carries one transfer at a time per
-direction.  A replica's own transfers are sequential anyway (with P partitions, each
-partition's).  Not modelled (each would need a measurement to calibrate it first):
-the network's core (any two links can talk at full speed) and the coordinator's own
-costs on a machine with a core per rank (there it slows nobody).  A replica of P
-partitions computes the whole model's gradient (the same math); only its step time and
-parallel transfers see P (:mod:`.partitioned`).
+direction (:mod:`.links`, shared with the simulated Sandblaster).  A replica's own
+transfers are sequential anyway (with P partitions, each partition's).  Not modelled
+(each would need a measurement to calibrate it first): the network's core (any two
+links can talk at full speed) and the coordinator's own costs on a machine with a core
+per rank (there it slows nobody).  A replica of P partitions computes the whole
+model's gradient (the same math); only its step time and parallel transfers see P
+(:mod:`.partitioned`).
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ from mpibelief.optim import all_finite
 from mpibelief.ps.memory import MemoryServer
 from mpibelief.ps.state import GRADIENT, REFUSED
 from mpibelief.simulate.cores import Cores, Machine
+from mpibelief.simulate.links import IN, OUT, ShardLinks
 from mpibelief.simulate.partitioned import transfer_seconds
 
 SHARD_POLL = 1e-3  # seconds an idle shard sleeps between polls (ShardServer.serve's backoff)
@@ -248,9 +250,8 @@ class Cluster:
         n = len(self.server.states)
         self.shards = [simpy.Resource(self.env, capacity=1) for _ in range(n)]
         self.times = [ShardTimes() for _ in range(n)]
-        # links[s]: shard s's link, out (pulls) and in (pushes); None: no contention.
-        self.links = [(simpy.Resource(self.env, 1), simpy.Resource(self.env, 1))
-                      for _ in range(n)] if self.costs.shard_links else None
+        # Shard s's link, out (pulls) and in (pushes); None: no contention.
+        self.links = ShardLinks(self.env, n, self.costs) if self.costs.shard_links else None
         # slot[r][s]: fires when replica r's last push to shard s has been applied.
         self.slots = [[None] * n for _ in self.replicas]
         self.warm_done = self.env.event()
@@ -332,7 +333,7 @@ class Cluster:
             else:  # per shard, through its link (partitions' Gets in turn here)
                 for group in self.stores[r].pieces:
                     for shard, size in group:
-                        yield from self._send(shard, 0, 4 * size)
+                        yield from self._send(shard, OUT, 4 * size)
             rep.stats.comm_seconds += self.env.now - tick
         elif name == "compute":
             seconds = rep.batch * c.compute_per_sample
@@ -396,21 +397,16 @@ class Cluster:
                 tick = self.env.now
                 yield slot
                 self.stores[r].stats.wait_seconds += self.env.now - tick
-            yield from self._send(shard, 1, nbytes * size)
+            yield from self._send(shard, IN, nbytes * size)
 
     def _send(self, shard: int, way: int, nbytes: int):
-        """``nbytes`` to (``way`` 1) or from (0) ``shard``: ``latency + nbytes /
+        """``nbytes`` to (``way`` IN) or from (OUT) ``shard``: ``latency + nbytes /
         bandwidth``.  With shard links the bytes wait for that direction of the shard's
-        link (FIFO turns: the same throughput as sharing the bandwidth at once); the
-        latency (software and wire delay) does not hold the link."""
-        c = self.costs
+        link (:mod:`.links`: FIFO turns; the latency does not hold the link)."""
         if self.links is None:
-            yield from self._busy(c.transfer(nbytes))
+            yield from self._busy(self.costs.transfer(nbytes))
             return
-        yield self.env.timeout(c.latency)
-        with self.links[shard][way].request() as turn:
-            yield turn
-            yield self.env.timeout(nbytes / c.bandwidth)
+        yield from self.links.send(shard, way, nbytes)
 
     def _apply(self, part, piece, version: int, client: int, samples: int, applied):
         """One push at shard ``part.rank``: queue, apply for its cost, then publish."""

@@ -35,12 +35,15 @@ calibrated).  ``..`` is the replica waiting until every shard has summed its pus
   at the calibrated apply rate: an apply is one pass too.
 - pull: a replica's first portion of an evaluation first reads the parameters, shard
   after shard, ``transfer(4 * slice)`` each (once per evaluation, as
-  :class:`~mpibelief.portion_worker.PortionWorker`).
+  :class:`~mpibelief.portion_worker.PortionWorker`); with ``Costs.shard_links`` each
+  through the shard's outgoing link (:mod:`.links`, as Downpour's pulls), so the R
+  replicas' pulls of an evaluation take at least ``R * 4 * slice / bandwidth``.
 - compute: ``rows * compute_per_sample``, times a drawn step spread (``Costs.spread``),
   a straggler slowdown when drawn (:class:`~mpibelief.simulate.cluster.Faults`) and the
   config's slow replica (``sandblaster.slow_replica``, ``faults.slow_rank``).
 - push (every ``push_every`` portions, or each one in the batch's tail): the sum is put
-  to the shards one after another, ``transfer(4 * slice)`` each, then every piece
+  to the shards one after another, ``transfer(4 * slice)`` each (with shard links
+  through the shard's incoming link, as Downpour's pushes), then every piece
   queues at its shard (a SimPy ``Resource``: one sum at a time, in arrival order) and
   is summed for ``slice * apply_per_param`` (times the shard's slowdown); the replica
   waits until every shard has summed it, then answers ``pushed``.
@@ -67,9 +70,19 @@ copy computes exactly what its original computes.  So:
 So the real work per evaluation is two forward passes and one backward pass over the
 batch, whatever R is; a copy that lost costs nothing but its simulated time.
 
+Links (``Costs.shard_links``, the campaigns' cluster; off for shared memory, where the
+validation runs): the vectors move only between replicas and shards, through the shards'
+links, as in the real run (:mod:`mpibelief.algorithms.sandblaster`: the coordinator
+never holds them).  The coordinator's traffic is small and not put on links: its
+commands (a few hundred pickled bytes; they run between evaluations, when no replica
+moves vectors) and its messages to and from the replicas (pickled tuples of 21-36
+bytes, about three each way per replica and evaluation: 0.2 MB each way at R = 2000,
+under 2 ms on 1 GbE, against 4 GB of pushes).
+
 Not modelled: the coordinator's own time per message and per evaluation, contention
-on network links, replica failures (``--fail``, ``faults.stop_replica``,
-``faults.kill_rank`` are refused), checkpoints, partitioned replicas (P = 1).
+on the coordinator's link and in the network's core, replica failures (``--fail``,
+``faults.stop_replica``, ``faults.kill_rank`` are refused), checkpoints, partitioned
+replicas (P = 1).
 """
 
 from __future__ import annotations
@@ -84,6 +97,7 @@ import simpy
 from mpibelief.algorithms.sandblaster_dispatch import Dispatcher
 from mpibelief.errors import ConfigError, UserError
 from mpibelief.simulate.cluster import Costs, Faults, ShardTimes
+from mpibelief.simulate.links import IN, OUT, ShardLinks
 from mpibelief.simulate.run import SimClock
 
 # A vector command's cost in passes over a shard's slice.
@@ -250,6 +264,7 @@ class SimSandblaster:
         self.client.load(self.model.params)
         self.times = [ShardTimes() for _ in range(S)]
         self.queues = [simpy.Resource(self.env, capacity=1) for _ in range(S)]
+        self.links = ShardLinks(self.env, S, costs) if costs.shard_links else None
         self.space = ShardSpace(SimShards(self))
         self.space.copy("x", "params")
         ranks = [1 + S + r for r in range(R)]
@@ -329,10 +344,17 @@ class SimSandblaster:
                 answer = ("ready",)
 
     def _pull(self, rep: SimReplica):
-        seconds = sum(self.costs.transfer(4 * s.current.size) for s in self.states)
-        rep.stats.comm_seconds += seconds
+        """The parameters, shard after shard (through each shard's link, if modelled)."""
         rep.stats.bytes_pulled += 4 * self.model.n_params
-        yield self.env.timeout(seconds)
+        if self.links is None:
+            seconds = sum(self.costs.transfer(4 * s.current.size) for s in self.states)
+            rep.stats.comm_seconds += seconds
+            yield self.env.timeout(seconds)
+            return
+        tick = self.env.now
+        for s, state in enumerate(self.states):
+            yield from self.links.send(s, OUT, 4 * state.current.size)
+        rep.stats.comm_seconds += self.env.now - tick
 
     def _compute(self, rep: SimReplica, rows: int):
         c, faults = self.costs, self.faults
@@ -360,8 +382,11 @@ class SimSandblaster:
         assert committed == portions, (committed, portions)  # the book's view is ours
         samples = sum(hi - lo for lo, hi in (self.driver.bounds[p] for p in portions))
         tick = env.now
-        for state in self.states:
-            yield env.timeout(self.costs.transfer(4 * state.current.size))
+        for s, state in enumerate(self.states):
+            if self.links is None:
+                yield env.timeout(self.costs.transfer(4 * state.current.size))
+            else:
+                yield from self.links.send(s, IN, 4 * state.current.size)
         summed = [env.process(self._sum(s, portions, samples, r + 1))
                   for s in range(len(self.states))]
         yield simpy.AllOf(env, summed)

@@ -176,3 +176,18 @@ def test_rate_grid_is_extended_while_its_best_is_at_an_edge():
     assert len(above.tried) == 3 + campaign.EXTEND  # 3e-3, then 1e-2; then it stops
     below = FakeTrials(peak=2e-5)
     assert below._tune(row, below.config(row, None), {}) == pytest.approx(3.16e-5, rel=0.01)
+
+
+def test_a_simulator_revision_changes_only_its_algorithms_signatures(monkeypatch):
+    """A row run before its simulator changed (Sandblaster before shard links) is never
+    reused; the other algorithms' rows keep their signatures, so they still are."""
+    costs = CoreCosts({1: 4e-5}, {"sgd": 2e-10}, preset("1gbe"), (0.9, 1.1))
+    runner = campaign.Campaign("configs/fig45.toml", [], costs, np.zeros(4, np.float32),
+                               1, 1, None)
+    rows = [Method("Sandblaster L-BFGS [20]", "sandblaster", 20, 10),
+            Method("Downpour [20]", "downpour", 20, 10), Method("SGD [1]", "sgd", 1)]
+    now = [runner.signature(m) for m in rows]
+    monkeypatch.setattr(campaign, "SIMULATOR_REVISIONS", {})
+    before = [runner.signature(m) for m in rows]
+    assert now[0] != before[0]
+    assert now[1:] == before[1:]

@@ -34,6 +34,7 @@ LAYERS = {  # module prefix -> layer; the longest matching prefix wins
     "mpibelief.simulate.exchange_work": 4,
     "mpibelief.simulate.sandblaster": 4,  # the simulated Sandblaster: entry and cluster
     "mpibelief.simulate.sandblaster_cluster": 4,
+    "mpibelief.simulate.links": 4,  # shard links, shared by both simulated clusters
 }
 
 

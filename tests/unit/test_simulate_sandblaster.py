@@ -7,6 +7,7 @@ simulated seconds can be predicted exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 
 import h5py
@@ -200,3 +201,30 @@ def test_simulate_writes_a_sandblaster_result(tmp_path):
         assert (f["server/busy_fraction"][()] > 0).all()
     with pytest.raises(Exception, match="exists"):
         simulate(cfg, out, calibration)
+
+
+def test_shard_links_carry_the_replicas_pulls_and_pushes_in_turn(data):
+    """R replicas, one portion each, one shard, a network on which the vector's bytes
+    dominate (t = 4 n / bandwidth, 10 ms): with shard links the shard's outgoing link
+    carries the R pulls of an evaluation one after another, its incoming link the R
+    pushes (each replica's as soon as its pull is in: the two directions overlap), so
+    an evaluation takes (R + 1) t and grows with R; without them the transfers overlap
+    and it stays near 2 t whatever R.  One replica never waits for the link: its
+    evaluation costs exactly what it costs without links."""
+    n = Model.from_config(cfg_of().model, data.n_inputs, data.n_classes).n_params
+    t = 0.01
+    slow = dataclasses.replace(COSTS, compute_per_sample=1e-7, bandwidth=4 * n / t)
+    linked = dataclasses.replace(slow, shard_links=True)
+    per_eval = {}
+    for R in (1, 2, 4, 8):
+        cfg = cfg_of(R, 1, [f"sandblaster.portions={R}", "sandblaster.backups=false",
+                            "sandblaster.iterations=2"])
+        for costs in (slow, linked):
+            _, records = steps(data, cfg, costs)
+            evals = sum(r.evals for r in records)
+            per_eval[R, costs.shard_links] = sum(r.gradient_seconds for r in records) / evals
+    assert per_eval[1, True] == pytest.approx(per_eval[1, False], rel=1e-12)
+    for R in (2, 4, 8):
+        free = per_eval[R, False]
+        assert free < 2 * t * 1.3  # no contention: one pull and one push of t each
+        assert (R + 1) * t <= per_eval[R, True] <= (R + 1) * t + free  # R each way, in turn
