@@ -20,7 +20,7 @@ from __future__ import annotations
 import h5py
 import pytest
 
-from mpibelief.simulate import validate
+from mpibelief.simulate import validate, validate_files
 from tests.e2e.test_cli import SMALL, cli
 
 pytestmark = pytest.mark.e2e
@@ -37,6 +37,19 @@ def test_simulated_and_real_downpour_agree(tmp_path, monkeypatch):
     validate.calibrate_machine("configs/demo.toml", calibration, rma, 0.25, tmp_path)
     real, sim, found = validate.case("configs/demo.toml", 1, 2, args, calibration, tmp_path)
     validate.report({"R1_S2": (real, sim, found)})
+    # The real run taken as a file from elsewhere (validate_files), with the machine and
+    # timing seed the case gave its simulation, is simulated the same way.
+    files = tmp_path / "files.h5"
+    code = validate_files.main([str(tmp_path / "R1_S2_real0.h5"), "--calibration",
+                                str(calibration), "--cores", str(found["cores"]),
+                                "--background", repr(found["background"]), "--out", str(files)])
+    with h5py.File(files) as f:
+        again = f["validation/R1_S2"]
+        assert dict(again["real"].attrs) == pytest.approx({k: v for k, v in real.items()
+                                                            if isinstance(v, float)})
+        assert again["sim"].attrs["step_seconds"] == pytest.approx(sim["step_seconds"], rel=0.05)
+        assert code == (0 if again.attrs["step_ok"] and again.attrs["staleness_ok"]
+                        and again.attrs["accuracy_ok"] else 1)
     assert found["staleness_ok"] and 0.5 < sim["step_seconds"] / real["step_seconds"] < 2.0
     assert found["accuracy_final_difference_points"] <= 2.0, found
 
