@@ -199,11 +199,16 @@ class Campaign:
     def signature(self, m: Method) -> str:
         """SHA-256 of everything a row's run depends on: the row, the base config's
         text, the shared overrides, the warmstart, the costs, the evaluations and the
-        tuning (two campaigns may share a run only if these are equal)."""
+        tuning (two campaigns may share a run only if these are equal).  A row that
+        encodes (sync with compression) also depends on the codec's calibrated costs;
+        without them its run times the codec itself, as before they existed, and its
+        signature is what it was then."""
         from mpibelief.simulate.warmstart import digest
 
         c = self.costs
-        text = json.dumps({
+        codec = getattr(c, "codec", None)
+        extra = {"codec": sorted(codec.items())} if codec and self.encodes(m) else {}
+        text = json.dumps({**extra,
             "row": [m.algorithm, m.replicas, m.shards, m.partitions, list(m.sets),
                     list(m.rates)], "base": Path(self.base).read_text(),
             "common": list(self.common), "start": digest(self.start),
@@ -212,6 +217,11 @@ class Campaign:
             "evals": self.evals, "tune_fraction": self.tune_fraction, "extend": EXTEND},
             sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
+
+    def encodes(self, m: Method) -> bool:
+        """Whether the row runs Strom's codec (its step charges the codec's costs)."""
+        cfg = m.config(self.base, self.common)
+        return cfg.run.algorithm == "sync" and cfg.compression.enabled
 
     def run(self, m: Method) -> tuple[dict | None, str | None]:
         """``(run, None)`` or ``(None, why it was skipped)``."""
@@ -265,7 +275,8 @@ class Campaign:
         from mpibelief.simulate.corecosts import calibration_file
 
         costs = self.costs.costs(m.partitions, cfg.train.optimizer)
-        calibration = calibration_file(costs, self.work / f"{name}_costs.h5")
+        calibration = calibration_file(costs, self.work / f"{name}_costs.h5",
+                                       getattr(self.costs, "codec", None))
         return run_method(m, cfg, calibration, self.start, self.work / f"{name}.h5")
 
 
