@@ -205,10 +205,14 @@ class Campaign:
         """SHA-256 of everything a row's run depends on: the row, the base config's
         text, the shared overrides, the warmstart, the costs, the evaluations and the
         tuning, and the simulator's revision for the row's algorithm
-        (``SIMULATOR_REVISIONS``; two campaigns may share a run only if these are equal)."""
+        (``SIMULATOR_REVISIONS``; two campaigns may share a run only if these are equal).
+        A row that encodes (sync with compression) also depends on the codec's calibrated
+        costs; without them its run times the codec itself, as before they existed, and
+        its signature is what it was then."""
         from mpibelief.simulate.warmstart import digest
 
         c = self.costs
+        codec = getattr(c, "codec", None)
         fields = {
             "row": [m.algorithm, m.replicas, m.shards, m.partitions, list(m.sets),
                     list(m.rates)], "base": Path(self.base).read_text(),
@@ -216,10 +220,17 @@ class Campaign:
             "costs": [c.compute.get(m.partitions), sorted(c.apply.items()),
                       c.network.latency, c.network.bandwidth, list(c.spread)],
             "evals": self.evals, "tune_fraction": self.tune_fraction, "extend": EXTEND}
+        if codec and self.encodes(m):
+            fields["codec"] = sorted(codec.items())
         if m.algorithm in SIMULATOR_REVISIONS:  # absent otherwise: old rows stay reusable
             fields["simulator"] = SIMULATOR_REVISIONS[m.algorithm]
         text = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
+
+    def encodes(self, m: Method) -> bool:
+        """Whether the row runs Strom's codec (its step charges the codec's costs)."""
+        cfg = m.config(self.base, self.common)
+        return cfg.run.algorithm == "sync" and cfg.compression.enabled
 
     def run(self, m: Method) -> tuple[dict | None, str | None]:
         """``(run, None)`` or ``(None, why it was skipped)``."""
@@ -273,7 +284,8 @@ class Campaign:
         from mpibelief.simulate.corecosts import calibration_file
 
         costs = self.costs.costs(m.partitions, cfg.train.optimizer)
-        calibration = calibration_file(costs, self.work / f"{name}_costs.h5")
+        calibration = calibration_file(costs, self.work / f"{name}_costs.h5",
+                                       getattr(self.costs, "codec", None))
         return run_method(m, cfg, calibration, self.start, self.work / f"{name}.h5")
 
 

@@ -23,32 +23,39 @@ measured in a way the shared cores do not bend:
   that all took exactly the median would run in lockstep.
 - network: the preset's latency and bandwidth, with ``shard_links``: every shard's
   link is shared by the replicas talking to it (:class:`~.cluster.Costs`).
+- codec: Strom's encode (residual, tau, pack) and decode of received packets
+  (:func:`.exchange_work.measure_codec`, the config's ``[compression]`` policy with
+  its ``fraction``), CPU seconds per entry and per packet word, medians over ``steps``
+  after a warm-up call: what a synchronous Strom replica's core spends on the codec.
+  A file measured before these existed is completed by :func:`load_or_measure`
+  (``codec_*`` root attributes, ``/timings/codec_*``; nothing else in it changes).
 - first step: 0.  The replicas are launched, and load their kernels, while the
   warmstart runs, as the paper's waited for theirs.
 
 The file (``results/fig45_calibration.h5``) is a calibration file as
 :func:`.calibrate.read` reads it (P = 1, SGD's apply: root attributes, ``/timings``),
 plus every ``P``'s compute under ``/partitions/P<p>``, every rule's apply in ``/apply``'s
-attributes and the raw timings; :func:`calibration_file` writes one run's costs as a
-plain calibration file for :func:`.run.simulate`.
+attributes, the codec's costs (``codec_*``) and the raw timings; :func:`calibration_file`
+writes one run's costs as a plain calibration file for :func:`.run.simulate`.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from mpibelief.errors import UserError
-from mpibelief.simulate import calibrate
+from mpibelief.simulate import calibrate, exchange_work
 from mpibelief.simulate.cluster import Costs
 from mpibelief.simulate.network import Network, preset
 
 PARTITIONS = (1, 2, 4, 8)  # partitions of one replica on the cores of one machine
+CODEC_CLOCK = "thread CPU time of one core (time.thread_time), median after a warm-up"
 
 
 def time_steps(model, data, batch: int, steps: int, seed: int = 0):
@@ -92,10 +99,7 @@ def measure(cfg, data, network: str, partitions=PARTITIONS,
     from mpibelief.optim import Optimizer
     from mpibelief.simulate.scaling import Scaling
 
-    threads = {v: os.environ.get(v) for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
-    if any(value != "1" for value in threads.values()):
-        raise UserError(f"corecosts times one core: set {threads} to 1 before numpy loads"
-                        " (thread CPU time would miss the BLAS threads' work)")
+    one_thread()
     net = preset(network)
     model = Model.from_config(cfg.model, data.n_inputs, data.n_classes)
     model.init(cfg.run.seed, cfg.model.init_scale)
@@ -106,11 +110,13 @@ def measure(cfg, data, network: str, partitions=PARTITIONS,
     within = Network("local", *calibrate.fit_network(Path(rma))[:2])
     curve = Scaling(model, batch, list(partitions)).curve(within)
     per_sample = float(np.median(cpu)) / batch
+    codec, codec_raw = measure_codec(model.n_params, cfg.compression, steps)
     found = CoreCosts(
         compute={int(P): per_sample * float(s / curve["seconds"][0])
                  for P, s in zip(curve["partitions"], curve["seconds"], strict=True)},
         apply={kind: float(np.median(t)) / model.n_params for kind, t in applies.items()},
-        network=net, spread=tuple(float(v) for v in np.sort(wall) / np.mean(wall)))
+        network=net, spread=tuple(float(v) for v in np.sort(wall) / np.mean(wall)),
+        codec=codec)
     raw = {"cpu_step_seconds": cpu, "wall_step_seconds": wall,
            **{f"apply_seconds_{kind}": t for kind, t in applies.items()},
            "scaling_partitions": curve["partitions"], "scaling_seconds": curve["seconds"],
@@ -119,8 +125,26 @@ def measure(cfg, data, network: str, partitions=PARTITIONS,
            "within_machine_bandwidth": within.bandwidth, "rma_file": str(rma),
            "clock": "thread CPU time (compute, apply); wall time (spread)",
            "wall_over_cpu": float(np.median(wall) / np.median(cpu)),
-           "kind": "dedicated cores (mpibelief.simulate.corecosts)"}
+           "kind": "dedicated cores (mpibelief.simulate.corecosts)", **codec_raw}
     return found, raw
+
+
+def one_thread() -> None:
+    threads = {v: os.environ.get(v) for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
+    if any(value != "1" for value in threads.values()):
+        raise UserError(f"corecosts times one core: set {threads} to 1 before numpy loads"
+                        " (thread CPU time would miss the BLAS threads' work)")
+
+
+def measure_codec(n_params: int, comp, repeats: int) -> tuple[dict[str, float], dict]:
+    """The codec's CPU seconds per entry and per word (see the module), and the raw
+    timings and their circumstances as ``codec_*`` entries (root attributes of the file,
+    arrays under ``/timings``)."""
+    codec, raw = exchange_work.measure_codec(n_params, comp, repeats, clock=time.thread_time)
+    return codec, {"codec_clock": CODEC_CLOCK, "codec_fraction": float(comp.fraction),
+                   "codec_tau": float(comp.tau), "codec_repeats": int(repeats),
+                   "codec_loadavg_1min": float(os.getloadavg()[0]),
+                   **{f"codec_{k}": v for k, v in raw.items()}}
 
 
 @dataclass(frozen=True)
@@ -133,6 +157,7 @@ class CoreCosts:
     apply: dict[str, float]
     network: Network
     spread: tuple[float, ...]
+    codec: dict[str, float] | None = field(default=None)  # Strom's CPU s; None: unmeasured
 
     def costs(self, partitions: int = 1, optimizer: str = "sgd") -> Costs:
         if partitions not in self.compute:
@@ -151,6 +176,20 @@ def write(path: Path, found: CoreCosts, raw: dict, optimizer: str = "sgd") -> No
             f.create_group(f"partitions/P{P}").attrs.update(
                 {"partitions": P, "compute_per_sample": seconds})
         f.create_group("apply").attrs.update(found.apply)
+    if found.codec is not None:
+        add_codec(path, found.codec, {})
+
+
+def add_codec(path: Path, codec: dict[str, float], raw: dict) -> None:
+    """Write the codec's costs into ``path`` (``codec_*`` root attributes, arrays under
+    ``/timings``), touching nothing else in it."""
+    with h5py.File(path, "r+") as f:
+        f.attrs.update(exchange_work.codec_attrs(codec))
+        for key, value in raw.items():
+            if isinstance(value, np.ndarray):
+                f[f"timings/{key}"] = value
+            else:
+                f.attrs[key] = value
 
 
 def read(path: Path) -> tuple[CoreCosts, dict]:
@@ -166,13 +205,15 @@ def read(path: Path) -> tuple[CoreCosts, dict]:
         raise UserError(f"{path} is not a dedicated-core calibration ({exc}): give another"
                         " --calibration, or a new path to have it measured") from None
     network = Network(str(attrs.get("network", "?")), base.latency, base.bandwidth)
-    return CoreCosts(compute, apply, network, base.spread), attrs
+    codec = exchange_work.read_codec(path)
+    return CoreCosts(compute, apply, network, base.spread, codec), attrs
 
 
 def load_or_measure(path: Path, cfg, data, network: str, log=print):
     """Read ``path``, or measure every P of :data:`PARTITIONS` and write it there when
-    it does not exist.  Returns ``(costs, attrs)``.  A file measured for another model,
-    batch or network is refused, never replaced."""
+    it does not exist; a file without the codec's costs has them measured and added.
+    Returns ``(costs, attrs)``.  A file measured for another model, batch or network is
+    refused, never replaced."""
     if not path.exists():
         tick = time.perf_counter()
         found, raw = measure(cfg, data, network)
@@ -183,6 +224,17 @@ def load_or_measure(path: Path, cfg, data, network: str, log=print):
             + ", ".join(f" {k} {v * 1e9:.2f}" for k, v in found.apply.items())
             + f" ns/parameter, network {network} -> {path}")
     found, attrs = read(path)
+    if found.codec is None:
+        one_thread()
+        n_params = model_size(cfg, data)
+        if attrs.get("n_params") == n_params:  # else refused below, file untouched
+            codec, raw = measure_codec(n_params, cfg.compression, 30)
+            add_codec(path, codec, raw)
+            log(f"codec costs added to {path} (load {raw['codec_loadavg_1min']:.1f}): encode"
+                f" {codec['encode_per_entry'] * 1e9:.2f} ns/entry, decode"
+                f" {codec['decode_per_entry'] * 1e9:.3f} ns/entry +"
+                f" {codec['decode_per_word'] * 1e9:.2f} ns/word (CPU time, one core)")
+            found, attrs = read(path)
     want = {"network": network, "batch": cfg.train.batch,
             "n_params": model_size(cfg, data)}
     for key, value in want.items():
@@ -198,7 +250,10 @@ def model_size(cfg, data) -> int:
     return Model.size_of(cfg.model, data.n_inputs, data.n_classes)
 
 
-def calibration_file(costs: Costs, path: Path) -> Path:
-    """One run's costs as a plain calibration file (what :func:`.run.simulate` reads)."""
-    calibrate.write(path, costs, {"kind": "dedicated cores, one run's costs"})
+def calibration_file(costs: Costs, path: Path, codec: dict[str, float] | None = None) -> Path:
+    """One run's costs as a plain calibration file (what :func:`.run.simulate` reads),
+    with the codec's (``codec_*``: the sync simulator takes them) if given."""
+    extra = {} if codec is None else {**exchange_work.codec_attrs(codec),
+                                      "codec_clock": CODEC_CLOCK}
+    calibrate.write(path, costs, {"kind": "dedicated cores, one run's costs", **extra})
     return path

@@ -20,8 +20,14 @@ five passes over the vector, and Strom's method would be flattered exactly where
 cheapest (small models, fast networks).
 
 The costs are written into the calibration file (``work_*`` root attributes) by
-``mpibelief simulate --calibrate``; a file made before they existed is completed by
-timing them when the simulation starts, and the run's attributes say which.
+``mpibelief simulate --calibrate`` (wall time on this machine, as the rest of that
+file).  A dedicated-core calibration (:mod:`.corecosts`, the Figure 4/5 campaigns')
+carries the codec's three (``codec_*`` root attributes) in CPU seconds of one core
+instead: timed with ``time.thread_time``, so the machine's other jobs do not stretch
+them as they stretched the wall clock (the campaigns' first Strom rows, timed at the
+start of each run on this shared machine, got 2.9-59 ns per entry for the encode).
+Whatever a file lacks is timed (wall time) when the simulation starts, and the run's
+``work_source`` says which came from where.
 """
 
 from __future__ import annotations
@@ -37,6 +43,9 @@ import numpy as np
 from mpibelief.simulate.collectives import pof2
 
 PREFIX = "work_"
+CODEC_PREFIX = "codec_"  # a dedicated-core calibration's codec costs (CPU seconds)
+CODEC = ("encode_per_entry", "decode_per_entry", "decode_per_word")
+TIMED_NOW = "timed when the simulation started"
 
 
 @dataclass(frozen=True)
@@ -69,41 +78,60 @@ class LocalWork:
         return {PREFIX + k: v for k, v in asdict(self).items()}
 
 
-def _median(fn, repeats: int) -> float:
-    fn()  # warm-up (the kernels compile or load on their first call)
+def _times(fn, repeats: int, clock=time.perf_counter) -> np.ndarray:
+    """``repeats`` timings of ``fn`` on ``clock``, after one untimed call (the kernels
+    compile or load on their first call)."""
+    fn()
     took = []
     for _ in range(repeats):
-        tick = time.perf_counter()
+        tick = clock()
         fn()
-        took.append(time.perf_counter() - tick)
-    return float(np.median(took))
+        took.append(clock() - tick)
+    return np.array(took)
 
 
-def measure(n: int, comp, repeats: int = 9, seed: int = 0) -> LocalWork:
-    """Time the three on this machine for a vector of ``n`` entries (medians)."""
+def _median(fn, repeats: int, clock=time.perf_counter) -> float:
+    return float(np.median(_times(fn, repeats, clock)))
+
+
+def measure_codec(n: int, comp, repeats: int = 9, seed: int = 0,
+                  clock=time.perf_counter) -> tuple[dict[str, float], dict]:
+    """Strom's codec on a vector of ``n`` entries, timed on ``clock`` (medians):
+    ``({encode_per_entry, decode_per_entry, decode_per_word}, raw timings)``."""
     from mpibelief.compression import decode_packets
     from mpibelief.compressor import Compressor
 
     rng = np.random.default_rng(seed)
-    a = rng.standard_normal(n).astype(np.float32)
-    b = rng.standard_normal(n).astype(np.float32)
-    reduce = _median(lambda: np.add(a, b, out=a), repeats) / n
     Compressor.warm()
     codec = Compressor(n, replace(comp, enabled=True), 0)
-    grad = b * np.float32(1e-3)
-    encode = _median(lambda: codec.compress(grad, 0.0), repeats) / n
+    grad = rng.standard_normal(n).astype(np.float32) * np.float32(1e-3)
+    encodes = _times(lambda: codec.compress(grad, 0.0), repeats, clock)
     packet = codec.compress(grad, 0.0)[0].copy()
     out = np.empty(n, np.float32)
-    seconds, words = [], []
+    raw, seconds, words = {"encode_seconds": encodes}, [], []
     for copies in (1, 16):
         buffer = np.tile(packet, copies)
         counts = np.full(copies, packet.size, np.int32)
         displs = np.arange(copies, dtype=np.int32) * packet.size
-        seconds.append(_median(partial(decode_packets, buffer, counts, displs, out), repeats))
+        took = _times(partial(decode_packets, buffer, counts, displs, out), repeats, clock)
+        raw[f"decode_{copies}_packets_seconds"] = took
+        seconds.append(float(np.median(took)))
         words.append(buffer.size)
     per_word = max((seconds[1] - seconds[0]) / (words[1] - words[0]), 0.0)
     per_entry = max(seconds[0] - per_word * words[0], 0.0) / n
-    return LocalWork(reduce, encode, per_entry, per_word)
+    raw["packet_words"] = packet.size
+    return dict(zip(CODEC, (float(np.median(encodes)) / n, per_entry, per_word),
+                    strict=True)), raw
+
+
+def measure(n: int, comp, repeats: int = 9, seed: int = 0) -> LocalWork:
+    """Time the three on this machine for a vector of ``n`` entries (wall medians)."""
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal(n).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    reduce = _median(lambda: np.add(a, b, out=a), repeats) / n
+    codec, _ = measure_codec(n, comp, repeats, seed + 1)
+    return LocalWork(reduce, **codec)
 
 
 def read(calibration: Path) -> LocalWork | None:
@@ -115,9 +143,30 @@ def read(calibration: Path) -> LocalWork | None:
         return LocalWork(*(float(f.attrs[name]) for name in names))
 
 
+def read_codec(calibration: Path) -> dict[str, float] | None:
+    """A dedicated-core calibration's codec costs (``codec_*``), or None."""
+    with h5py.File(calibration, "r") as f:
+        names = [CODEC_PREFIX + k for k in CODEC]
+        if not all(name in f.attrs for name in names):
+            return None
+        return {k: float(f.attrs[CODEC_PREFIX + k]) for k in CODEC}
+
+
+def codec_attrs(codec: dict[str, float]) -> dict[str, float]:
+    return {CODEC_PREFIX + k: float(codec[k]) for k in CODEC}
+
+
 def for_run(calibration: Path, n: int, comp) -> tuple[LocalWork, str]:
-    """``(costs, where they came from)``: the calibration file's, else timed now."""
+    """``(costs, where they came from)``: the calibration file's ``work_*``; else its
+    ``codec_*`` with the reduce timed now; else all timed now (wall time)."""
     found = read(calibration)
     if found is not None:
         return found, str(calibration)
-    return measure(n, comp), "timed when the simulation started"
+    codec = read_codec(calibration)
+    if codec is None:
+        return measure(n, comp), TIMED_NOW
+    with h5py.File(calibration, "r") as f:
+        clock = str(f.attrs.get(CODEC_PREFIX + "clock", "?"))
+    timed = measure(n, comp)
+    return (LocalWork(timed.reduce_per_entry, **codec),
+            f"codec (encode, decode): {calibration}, {clock}; reduce: {TIMED_NOW}")

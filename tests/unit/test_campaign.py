@@ -191,3 +191,28 @@ def test_a_simulator_revision_changes_only_its_algorithms_signatures(monkeypatch
     before = [runner.signature(m) for m in rows]
     assert now[0] != before[0]
     assert now[1:] == before[1:]
+
+
+def test_only_rows_that_encode_sign_the_codec_costs():
+    """A Strom row's signature changes with the calibrated codec costs (so a row run
+    with the codec timed on a loaded machine is not reused); a dense sync row's and a
+    Downpour row's do not (their runs never charge the codec)."""
+    from pathlib import Path
+
+    base = str(Path(__file__).resolve().parents[2] / "configs" / "fig45.toml")
+    strom = Method("Strom", "sync", 20, sets=("compression.enabled=true",), rates=(0.003,))
+    rows = [strom, Method("Dense", "sync", 20, rates=(0.003,)),
+            Method("Downpour", "downpour", 20, 10, rates=(0.003,))]
+    signatures = []
+    for codec in (None, {"encode_per_entry": 3e-9, "decode_per_entry": 6e-11,
+                         "decode_per_word": 1.2e-9},
+                  {"encode_per_entry": 4e-9, "decode_per_entry": 6e-11,
+                   "decode_per_word": 1.2e-9}):
+        costs = CoreCosts({1: 4e-5}, {"sgd": 2e-10, "adagrad": 3e-9}, preset("1gbe"),
+                          (0.9, 1.1), codec)
+        run = campaign.Campaign(base, ["train.epochs=1"], costs, np.zeros(10, np.float32),
+                                1000, 10, Path("."))
+        assert [run.encodes(m) for m in rows] == [True, False, False]
+        signatures.append([run.signature(m) for m in rows])
+    assert len({s[0] for s in signatures}) == 3
+    assert len({s[1] for s in signatures}) == 1 and len({s[2] for s in signatures}) == 1

@@ -238,3 +238,53 @@ def test_checks_are_one_line_config_errors(data):
     plugin = dataclasses.replace(plugin, run=dataclasses.replace(plugin.run, algorithm="noop"))
     with pytest.raises(ConfigError, match="simulate runs"):
         check(plugin)
+
+
+CODEC = {"encode_per_entry": 2e-6, "decode_per_entry": 3e-7, "decode_per_word": 5e-6}
+
+
+def test_a_strom_step_charges_the_calibrated_codec(tmp_path, data):
+    """A dedicated-core calibration with codec costs (the campaigns'): every compressed
+    step is the compute, the packets' allgather, the calibrated encode and decode of
+    them and the update, and the run's file names the calibration as their source.
+    The costs are ~1000x what this machine's codec takes, so a run that timed the
+    codec instead would not add up."""
+    from mpibelief.simulate import exchange_work
+    from mpibelief.simulate.corecosts import calibration_file
+
+    calibration = calibration_file(COSTS, tmp_path / "costs.h5", CODEC)
+    cfg = cfg_of(4, extra=STROM)
+    work, source = exchange_work.for_run(calibration, N, cfg.compression)
+    assert {k: getattr(work, k) for k in CODEC} == CODEC
+    assert source.startswith(f"codec (encode, decode): {calibration}, thread CPU time")
+    sim = sim_of(data, cfg)
+    sim.work = work
+    for step in range(1, 4):
+        seconds = sim.step(step)[1]
+        words = int(sim.sizes.sum()) // 4
+        exchange = collectives.packet_exchange_seconds(sim.sizes, COSTS.latency,
+                                                       COSTS.bandwidth)
+        codec = N * 2e-6 + N * 3e-7 + words * 5e-6
+        assert seconds == pytest.approx(BATCH * 1e-3 + exchange + codec + N * 1e-6, rel=1e-12)
+    out = tmp_path / "sim.h5"
+    row = simulate(cfg, out, calibration)
+    by_hand = sim_of(data, cfg)
+    by_hand.work = LocalWork(0.0, **CODEC)
+    assert row["wall_seconds"] == pytest.approx(sum(run(by_hand)), rel=1e-12)
+    with h5py.File(out) as f:
+        assert f.attrs["work_source"] == source
+        assert {k: f.attrs[f"work_{k}"] for k in CODEC} == CODEC
+
+
+def test_without_codec_costs_the_codec_is_timed_when_the_run_starts(tmp_path, data):
+    """A calibration with neither ``work_*`` nor ``codec_*``: the old path, timed."""
+    from mpibelief.simulate import exchange_work
+    from mpibelief.simulate.corecosts import calibration_file
+
+    calibration = calibration_file(COSTS, tmp_path / "costs.h5")
+    out = tmp_path / "sim.h5"
+    simulate(cfg_of(4, extra=STROM), out, calibration)
+    with h5py.File(out) as f:
+        assert f.attrs["work_source"] == exchange_work.TIMED_NOW
+        assert f.attrs["work_encode_per_entry"] != CODEC["encode_per_entry"]
+        assert 0 < f.attrs["work_encode_per_entry"] < 1e-6  # this machine's, timed
