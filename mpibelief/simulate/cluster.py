@@ -303,6 +303,8 @@ class Cluster:
         fail = dict(self.faults.fail_at).get(r, float("inf"))
         if r > 0 and self.warmstart:
             yield self.warm_done
+        if self.cores is not None and self.costs.first_step:
+            yield from self._start(r)
         while rep.stats.steps < self.steps[r]:
             if env.now >= fail:
                 self.failed.add(r)
@@ -341,7 +343,7 @@ class Cluster:
             if self.faults.straggler_fraction and \
                     self.rng.random() < self.faults.straggler_fraction:
                 seconds *= self.faults.straggler_slowdown
-            if rep.stats.steps == 1:  # the step just computed was its first
+            if rep.stats.steps == 1 and self.cores is None:  # its first step (_start)
                 seconds += c.first_step
             yield from self._busy(seconds)
             rep.stats.compute_seconds += self.env.now - tick
@@ -352,6 +354,27 @@ class Cluster:
                 if self.cores is not None:
                     yield from self._descheduled(r, self.stores[r].parts)
                 rep.stats.comm_seconds += self.env.now - tick
+
+    def _start(self, r: int):
+        """On a shared machine: replica ``r``'s start-up, before its first pull.
+
+        A real replica, once told to start, prepares (copies its shard of the data,
+        calls its kernels a first time) and only then pulls, and on shared cores that
+        takes each replica its own time: one starts training while the other is still
+        preparing, so the latecomer's first pull already reads the leader's pushes.  Run
+        at once and alike (as ``first_step`` inside the first compute, after the pull),
+        every replica computed its first two gradients from the initial parameters:
+        4 of 924 pushes of R2_S1 read version 1 in 3 of 3 simulated runs, 1 to 3 in 5
+        of 9 real ones, and those runs ended 2-3 points more accurate (Adagrad's sums
+        remember those large first gradients; replaying the real runs' apply order in
+        memory gives their accuracy, and the first 100 pushes of that order decide it).
+        So the start-up costs ``first_step``, drawn from the measured ``spread`` as
+        every other CPU phase.  With a core per rank, the first compute pays it (the
+        Figure 4/5 campaigns, whose replicas start from a warmstart, set it to 0).
+        """
+        c = self.costs
+        factor = c.spread[self.rng.integers(len(c.spread))] if c.spread else 1.0
+        yield from self._busy(c.first_step * factor)
 
     def _descheduled(self, r: int, parts, pin: int | None = None):
         """With chance ``costs.descheduled``, replica ``r`` is off its core until those
