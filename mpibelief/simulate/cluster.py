@@ -118,8 +118,10 @@ class Costs:
             phase is drawn from them (real steps vary, and a simulation in which every
             replica takes exactly the median keeps them in lockstep, which changes the
             staleness they see).
-        first_step: seconds added to a replica's first compute: a fresh process
-            loads its compiled kernels then (a cluster's replicas pay it too).
+        first_step: a fresh replica's start-up: with a core per rank, seconds added
+            to its first compute (a cluster's replicas pay it too); on a shared
+            machine, CPU work before its first pull, drawn from ``spread``
+            (``Cluster._start``).
         shard_links: each shard's network link carries one transfer at a time per
             direction (pulls out, pushes in), so replicas talking to one shard share
             its bandwidth, as on a cluster's network; False: transfers are
@@ -359,18 +361,18 @@ class Cluster:
         """On a shared machine: replica ``r``'s start-up, before its first pull.
 
         A real replica, once told to start, prepares (copies its shard of the data,
-        calls its kernels a first time) and only then pulls, and on shared cores that
-        takes each replica its own time: one starts training while the other is still
-        preparing, so the latecomer's first pull already reads the leader's pushes.  Run
-        at once and alike (as ``first_step`` inside the first compute, after the pull),
-        every replica computed its first two gradients from the initial parameters:
-        4 of 924 pushes of R2_S1 read version 1 in 3 of 3 simulated runs, 1 to 3 in 5
-        of 9 real ones, and those runs ended 2-3 points more accurate (Adagrad's sums
-        remember those large first gradients; replaying the real runs' apply order in
-        memory gives their accuracy, and the first 100 pushes of that order decide it).
-        So the start-up costs ``first_step``, drawn from the measured ``spread`` as
-        every other CPU phase.  With a core per rank, the first compute pays it (the
-        Figure 4/5 campaigns, whose replicas start from a warmstart, set it to 0).
+        calls its kernels a first time) and only then pulls; on shared cores that takes
+        each replica its own time (the shard copy of R = 2: 0.11-0.18 s CPU, 0.44-0.84 s
+        wall, 0.05-0.15 s apart in three runs), so a latecomer's first pull may already
+        read the leader's pushes.  Started at once and alike (``first_step`` inside the
+        first compute, after the pull), both replicas of R2_S1 computed their first two
+        gradients from the initial parameters, and that decides a run: of nine real
+        runs, the three with 1-2 pushes from version 1 ended at 62.5-62.8% test
+        accuracy, the three with 4 at 58.7-60.2%; replaying a run's logged apply order
+        in memory gives its accuracy, and a real run's first 100 pushes with a
+        simulated run's others gave 63.2% (the simulated order alone 59.6%).  So the
+        start-up costs ``first_step``, drawn from the measured ``spread`` as the
+        computes are.  With a core per rank the first compute pays it, as before.
         """
         c = self.costs
         factor = c.spread[self.rng.integers(len(c.spread))] if c.spread else 1.0
