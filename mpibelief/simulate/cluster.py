@@ -230,6 +230,8 @@ class Cluster:
         seed: the straggler draws.
         machine: the cores the ranks run on (default: a core per rank).
         eval_every: seconds between the coordinator's evaluations (a shared machine's).
+        start_up: on a shared machine, each replica's CPU seconds between its start
+            and its first pull (``_start``; default ``costs.first_step``).
     """
 
     server: MemoryServer
@@ -242,6 +244,7 @@ class Cluster:
     seed: int = 0
     machine: Machine = field(default_factory=Machine)
     eval_every: float = 0.0
+    start_up: tuple[float, ...] = ()
 
     def __post_init__(self):
         self.env = simpy.Environment()
@@ -305,7 +308,7 @@ class Cluster:
         fail = dict(self.faults.fail_at).get(r, float("inf"))
         if r > 0 and self.warmstart:
             yield self.warm_done
-        if self.cores is not None and self.costs.first_step:
+        if self.cores is not None:
             yield from self._start(r)
         while rep.stats.steps < self.steps[r]:
             if env.now >= fail:
@@ -360,23 +363,28 @@ class Cluster:
     def _start(self, r: int):
         """On a shared machine: replica ``r``'s start-up, before its first pull.
 
-        A real replica, once told to start, prepares (copies its shard of the data,
-        calls its kernels a first time) and only then pulls; on shared cores that takes
-        each replica its own time (the shard copy of R = 2: 0.11-0.18 s CPU, 0.44-0.84 s
-        wall, 0.05-0.15 s apart in three runs), so a latecomer's first pull may already
-        read the leader's pushes.  Started at once and alike (``first_step`` inside the
-        first compute, after the pull), both replicas of R2_S1 computed their first two
-        gradients from the initial parameters, and that decides a run: of nine real
-        runs, the three with 1-2 pushes from version 1 ended at 62.5-62.8% test
-        accuracy, the three with 4 at 58.7-60.2%; replaying a run's logged apply order
-        in memory gives its accuracy, and a real run's first 100 pushes with a
+        A real replica, once told to start, copies its shard of the data (R > 1) and
+        only then pulls; on shared cores each takes its own time (the copy of R = 2:
+        0.11-0.18 s CPU, 0.44-0.84 s wall, 0.05-0.15 s apart in three runs; the first
+        step's kernels then cost 0.03 s more than a step, not ``first_step``'s 0.3 s
+        of a fresh interpreter: the rank loaded them before), so a latecomer's first
+        pull may read the leader's pushes.  Started at once and alike (``first_step``
+        inside the first compute, after the pull), both replicas of R2_S1 computed their
+        first two gradients from the initial parameters, and that decides a run: of
+        nine real runs, the three with 1-2 pushes from version 1 ended at 62.5-62.8%
+        test accuracy, the three with 4 at 58.7-60.2%; replaying a run's logged apply
+        order in memory gives its accuracy, and a real run's first 100 pushes with a
         simulated run's others gave 63.2% (the simulated order alone 59.6%).  So the
-        start-up costs ``first_step``, drawn from the measured ``spread`` as the
-        computes are.  With a core per rank the first compute pays it, as before.
+        start-up is ``start_up[r]`` (the simulator's own copy of the shard, timed:
+        :func:`.run.build`), drawn from the measured ``spread`` as the computes are;
+        4 simulated R2_S1 runs then ended at 61.2% on average (real: 61.1% over 15),
+        at 0.3 s 62.1%.  With a core per rank the first compute pays ``first_step``.
         """
         c = self.costs
-        factor = c.spread[self.rng.integers(len(c.spread))] if c.spread else 1.0
-        yield from self._busy(c.first_step * factor)
+        seconds = self.start_up[r] if self.start_up else c.first_step
+        if seconds > 0:
+            factor = c.spread[self.rng.integers(len(c.spread))] if c.spread else 1.0
+            yield from self._busy(seconds * factor)
 
     def _descheduled(self, r: int, parts, pin: int | None = None):
         """With chance ``costs.descheduled``, replica ``r`` is off its core until those

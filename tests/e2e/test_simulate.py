@@ -1,10 +1,11 @@
 """Simulated against real on this machine, and the ``simulate`` command end to end.
 
 The agreement test calibrates in the same test run (a short real R1_S1 run: every
-phase's CPU cost), runs one Downpour case (R1_S2: one replica, two shards) for real
-under mpiexec, sampling the other sessions that want the 2 cores meanwhile, and once
-simulated on those cores, and checks staleness (within 30%) as issue 12 asks, the final
-test accuracy within 2 points and seconds per step within a factor of 2.
+phase's CPU cost), runs one Downpour case (R1_S2: one replica, two shards) twice for
+real under mpiexec, sampling the other sessions that want the 2 cores meanwhile, and
+twice simulated on those cores, and checks the means: staleness (within 30%) as issue
+12 asks, the final test accuracy within 2 points and seconds per step within a factor
+of 2 (with one run each way it failed about once in three under load).
 ``python -m mpibelief.simulate.validate`` checks the issue's bounds on the means of
 three runs each way; one real run against one simulation is as far apart as two real
 runs are: three real R1_S2 runs minutes apart differed by up to 1.7 points at the same
@@ -32,7 +33,7 @@ def test_simulated_and_real_downpour_agree(tmp_path, monkeypatch):
     rma = validate.REPO / "results" / "bench_rma.h5"
     if not rma.exists():
         pytest.skip("no results/bench_rma.h5: run bench/rma.py first")
-    args = type("Args", (), {"epochs": 0.5, "warmstart": 0, "runs": 1})()
+    args = type("Args", (), {"epochs": 0.5, "warmstart": 0, "runs": 2})()
     calibration = tmp_path / "calibration.h5"
     validate.calibrate_machine("configs/demo.toml", calibration, rma, 0.25, tmp_path)
     real, sim, found = validate.case("configs/demo.toml", 1, 2, args, calibration, tmp_path)
