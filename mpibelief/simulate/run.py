@@ -119,11 +119,13 @@ def build(cfg, data, costs: Costs, faults: Faults, start: np.ndarray | None = No
     n = model.n_params
     server = MemoryServer(n, S, optimizer, ranges=[(0, n)] * (R + 1))
     server.client(0).load(model.params)
-    clock, stores, replicas, steps = SimClock(), [], [], []
+    clock, stores, replicas, steps, start_up = SimClock(), [], [], [], []
     pieces = partitioned.shard_pieces(model, P, server.slices)
     for r in range(R):
         stores.append(SimStore(server.client(r + 1), pieces))
+        tick = time.process_time()  # the real replica's start-up: this same copy
         shard = data.shard(r, R)
+        start_up.append(time.process_time() - tick)
         own = Model.from_config(cfg.model, data.n_inputs, data.n_classes)
         replicas.append(Replica(1 + S + r * P, own, stores[-1], shard, cfg.train, cfg.downpour,
                                 seed=cfg.run.seed + 1 + r, clock=clock))
@@ -131,7 +133,7 @@ def build(cfg, data, costs: Costs, faults: Faults, start: np.ndarray | None = No
         steps.append(steps_per_replica(cfg, len(shard.y_train)) + warm)
     cluster = Cluster(server, replicas, stores, costs, steps, faults,
                       cfg.downpour.warmstart_steps, cfg.run.seed if seed is None else seed,
-                      machine or Machine(), cfg.train.eval_every)
+                      machine or Machine(), cfg.train.eval_every, tuple(start_up))
     clock.env = cluster.env
     return model, server, cluster
 

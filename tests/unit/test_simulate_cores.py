@@ -173,3 +173,37 @@ def test_a_calibration_file_gives_back_its_costs(tmp_path):
     assert calibrate.machine(path) == Machine(2, 2.5)
     with h5py.File(path) as f:
         assert f.attrs["run_compute_per_sample"] == 9.0
+
+
+def first_reads(data, costs, seed: int) -> list[int]:  # noqa: F811
+    """The version each of two replicas' first pull read, on a 4-core machine."""
+    from mpibelief.simulate.run import build
+
+    _, _, cluster = build(cfg_of(2, 1), data, costs, NO_FAULTS, machine=Machine(cores=4),
+                          seed=seed)
+    assert len(cluster.start_up) == 2  # build timed each replica's copy of its shard
+    cluster.start_up = (0.5, 0.5)
+    reads = [[], []]
+    for r, store in enumerate(cluster.stores):
+        def pull(out, pull=store.pull, r=r):
+            reads[r].append(int(pull(out)[0]))
+            return reads[r][-1:]
+        store.pull = pull
+    cluster.run()
+    return [r[0] for r in reads], cluster
+
+
+def test_replicas_start_up_apart_before_their_first_pull_on_a_shared_machine(data):  # noqa: F811
+    """A replica's start-up (0.5 s here) comes before its first pull and lasts a draw
+    from the spread, so a replica whose start-up took longer reads the other's pushes;
+    alike (no spread), both read the loaded version 1, as before."""
+    alike = Costs(*[getattr(COSTS, k) for k in calibrate.FIELDS])
+    reads, cluster = first_reads(data, alike, 0)
+    assert reads == [1, 1]
+    step = cluster.replicas[0].stats.train_seconds / cluster.replicas[0].stats.steps
+    assert step < 0.1  # the 0.5 s start-up is not a training step's
+    apart = Costs(*[getattr(COSTS, k) for k in calibrate.FIELDS], spread=(0.5, 1.5))
+    found = [sorted(first_reads(data, apart, seed)[0]) for seed in range(4)]
+    # 0.5 s apart: the latecomer reads the leader's ~15 pushes (16 ms steps) applied.
+    assert all(f[0] == 1 for f in found) and any(f[1] > 10 for f in found), found
+    assert all(f[1] in (1,) or f[1] > 10 for f in found), found
