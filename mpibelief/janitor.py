@@ -23,10 +23,6 @@ import signal
 import sys
 import time
 
-import h5py
-
-from mpibelief.results import process_alive
-
 ORPHAN_GRACE = 10.0  # seconds: a finished run's ranks leave MPI_Finalize well within it
 
 
@@ -42,13 +38,16 @@ def watch(path: str, pids: dict[int, int], coordinator: int,
     for rank, pid in pids.items():
         try:
             fds[os.pidfd_open(pid)] = rank
-        except OSError:  # already gone
+        except OSError:  # already gone (and reaped): it died before any we can watch
             fds[-1 - rank] = rank
+    from mpibelief.results import process_alive  # h5py: slow to import on a busy machine
+
     poller = select.poll()
     for fd in fds:
         if fd >= 0:
             poller.register(fd, select.POLLIN)
-    first_dead, when = [], ""
+    first_dead = sorted(rank for fd, rank in fds.items() if fd < 0)
+    when = time.strftime("%H:%M:%S") if first_dead else ""
     while process_alive(pids[coordinator]):
         ready = poller.poll(1000)
         if not first_dead and ready:
@@ -82,6 +81,8 @@ def report(path: str, first_dead: list[int], when: str) -> None:
     who = (f"rank {first_dead[0]}" if len(first_dead) == 1
            else f"one of ranks {first_dead}")
     message = f"{who} died at {when} (killed or crashed) and the job was ended"
+    import h5py
+
     try:
         with h5py.File(path, "r+", locking=False) as f:
             if f.attrs.get("status") != "running":

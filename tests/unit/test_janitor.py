@@ -43,3 +43,20 @@ def test_nothing_is_killed_when_every_rank_ends_with_the_coordinator(tmp_path, c
     assert [p.wait(timeout=5) for p in ranks] == [0, 0]
     assert time.monotonic() - start < 4  # no grace spent on ranks already gone
     assert "killed" not in capsys.readouterr().err
+
+
+def test_a_rank_gone_before_the_janitor_looked_is_the_one_named(tmp_path, capsys):
+    """On a busy machine the janitor may start after a rank has died and been reaped:
+    that rank died first, whatever dies after it."""
+    path = tmp_path / "r.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["status"] = "running"
+    dead = sleeper(0)
+    dead.wait()  # reaped: no pidfd can be opened on it
+    coordinator, other = sleeper(0.3), sleeper(0.2)
+    janitor.watch(str(path), {0: coordinator.pid, 1: other.pid, 4: dead.pid}, 0, grace=0.5)
+    for p in (coordinator, other):
+        p.wait()
+    assert "rank 4 died at" in capsys.readouterr().err
+    with h5py.File(path) as f:
+        assert f.attrs["status"].startswith("failed: rank 4 died at")
