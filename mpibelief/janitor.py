@@ -48,14 +48,18 @@ def watch(path: str, pids: dict[int, int], coordinator: int,
             poller.register(fd, select.POLLIN)
     first_dead = sorted(rank for fd, rank in fds.items() if fd < 0)
     when = time.strftime("%H:%M:%S") if first_dead else ""
-    while process_alive(pids[coordinator]):
-        ready = poller.poll(1000)
+    wait = 0  # the first look takes the ranks that died (unreaped) before we started
+    while True:
+        ready = poller.poll(wait)
+        wait = 1000
         if not first_dead and ready:
             first_dead = sorted(fds[fd] for fd, _ in ready)
             when = time.strftime("%H:%M:%S")
         for fd, _ in ready:
             poller.unregister(fd)
             del fds[fd]
+        if not process_alive(pids[coordinator]):
+            break
     report(path, first_dead or [coordinator], when or time.strftime("%H:%M:%S"))
     reap(poller, {fd: rank for fd, rank in fds.items() if fd >= 0}, grace)
 
