@@ -28,11 +28,11 @@ from mpibelief.clock import WallClock
 from mpibelief.comm import Comms
 from mpibelief.config import from_dict
 from mpibelief.context import RunContext
-from mpibelief.data import batches, load_dataset
+from mpibelief.data import load_dataset
 from mpibelief.layout import layout_for
 from mpibelief.model import Model
-from mpibelief.optim import Optimizer
 from mpibelief.results import ResultWriter
+from tests.oracles import combined_batch
 
 BATCH = 16
 
@@ -68,20 +68,7 @@ def train(comm, cfg, path: Path):
 
 def single_replica(cfg, data, replicas: int, steps: int) -> np.ndarray:
     """SGD [1] on the combined batches: each replica's batch, in replica order."""
-    model = Model.from_config(cfg.model, data.x_train.shape[1], data.n_classes)
-    model.init(cfg.run.seed, cfg.model.init_scale)
-    opt = Optimizer.from_config(cfg.train)
-    state = opt.state(model.n_params)
-    shards = [data.shard(r, replicas) for r in range(replicas)]
-    orders = [batches(len(s.y_train), BATCH, np.random.default_rng(cfg.run.seed + 1 + r))
-              for r, s in enumerate(shards)]
-    for _ in range(steps):
-        picks = [(s, next(order)) for s, order in zip(shards, orders, strict=True)]
-        x = np.concatenate([s.x_train[idx] for s, idx in picks])
-        y = np.concatenate([s.y_train[idx] for s, idx in picks])
-        model.loss_and_grad(x, y)
-        assert opt.apply(model.params, model.grads, state)
-    return model.params
+    return combined_batch(cfg, data, replicas, steps, BATCH)
 
 
 def equals_combined_batch(comm, tmp: Path, optimizer: str) -> None:

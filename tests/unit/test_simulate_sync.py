@@ -21,12 +21,12 @@ from mpibelief.compressor import policy
 from mpibelief.data import batches, load_dataset
 from mpibelief.errors import ConfigError
 from mpibelief.model import Model
-from mpibelief.optim import Optimizer
 from mpibelief.simulate import calibrate, collectives
 from mpibelief.simulate.cluster import Costs, Faults
 from mpibelief.simulate.exchange_work import LocalWork
 from mpibelief.simulate.run import check, simulate
 from mpibelief.simulate.sync import SyncSim
+from tests import oracles
 
 BATCH = 16
 SETS = ["run.algorithm='sync'", "layout.shards=0", "data.source='synthetic'",
@@ -62,20 +62,7 @@ def run(sim: SyncSim, steps: int | None = None) -> list[float]:
 
 
 def combined_batch(cfg, data, replicas: int, steps: int) -> np.ndarray:
-    """The oracle: one replica stepping on every replica's batch concatenated."""
-    model = Model.from_config(cfg.model, data.n_inputs, data.n_classes)
-    model.init(cfg.run.seed, cfg.model.init_scale)
-    opt = Optimizer.from_config(cfg.train)
-    state = opt.state(model.n_params)
-    shards = [data.shard(r, replicas) for r in range(replicas)]
-    orders = [batches(len(s.y_train), BATCH, np.random.default_rng(cfg.run.seed + 1 + r))
-              for r, s in enumerate(shards)]
-    for _ in range(steps):
-        picks = [(s, next(o)) for s, o in zip(shards, orders, strict=True)]
-        model.loss_and_grad(np.concatenate([s.x_train[i] for s, i in picks]),
-                            np.concatenate([s.y_train[i] for s, i in picks]))
-        assert opt.apply(model.params, model.grads, state)
-    return model.params
+    return oracles.combined_batch(cfg, data, replicas, steps, BATCH)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adagrad"])
