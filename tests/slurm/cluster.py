@@ -27,9 +27,13 @@ CLIENTS = ("sbatch", "squeue", "sinfo", "scontrol", "scancel", "srun")
 PARTITION = "mpibtest"
 CPUS = 8  # a 5-rank Downpour job and a 1-rank plot job fit at once
 # A requeued job may start again only after the step credentials of its last attempt
-# expire (default 120 s): 20 s is ample for a step launch here and keeps the requeue
-# tests short.
-CRED_EXPIRE = 20
+# expire (default 120 s); a step launch here verifies its credential within a second,
+# so 10 s is ample and keeps the requeue tests short.
+CRED_EXPIRE = 10
+# Slurm's defaults scan pending jobs every 60 s (main loop) and 30 s (backfill), and a
+# requeued job becoming eligible is no event that triggers a scan: it waited 18-27 s
+# past its eligible time here.  A one-node test cluster can afford a scan a second.
+SCHEDULER = "sched_interval=1,bf_interval=1"
 # Terminal job states: a job in any other state may still change.
 DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
         "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
@@ -83,6 +87,7 @@ AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 ReturnToService=2
 MinJobAge=3600
+SchedulerParameters={SCHEDULER}
 KillWait=30
 NodeName={host} NodeAddr=127.0.0.1 CPUs={CPUS} State=UNKNOWN
 PartitionName={PARTITION} Nodes={host} Default=NO MaxTime=60 State=UP
