@@ -122,7 +122,8 @@ LONG_RUN = ["--set", "train.epochs=10000.0", "--set", f"train.max_seconds={RUN_S
 
 
 # Both launchers, both ways a job is requeued (the other two pairings pass as well; one
-# case costs 60-90 s here, mostly the requeued job's wait of CRED_EXPIRE and two warm-ups).
+# case costs 33-42 s here: two attempts' warm-ups and training, and the requeued job's
+# wait of CRED_EXPIRE plus a scheduler scan).
 @pytest.mark.parametrize(("launcher", "ntasks", "config", "stop", "said"), [
     # --signal=B:USR1@T's path: the script stops the run at a checkpoint, requeues itself.
     ("srun", 1, "configs/sgd.toml", ["scancel", "--batch", "--signal=USR1"],
