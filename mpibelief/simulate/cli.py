@@ -28,7 +28,8 @@ def add_parser(sub, with_config) -> None:
     q.add_argument("--concurrency", type=int, default=1, metavar="K",
                    help="--calibrate: time the compute in K processes at once (shared cores)")
     q.add_argument("--from-run", metavar="RESULT",
-                   help="--calibrate: take message and apply costs from a real Downpour run")
+                   help="--calibrate: take the costs from a real Downpour run (not a"
+                        " checkout's first: that one compiles the kernels as it trains)")
     q.add_argument("--straggler", metavar="FRACTION:SLOWDOWN",
                    help="slow that fraction of compute phases by that factor, e.g. 0.05:4")
     q.add_argument("--slow-shard", action="append", default=[], metavar="SHARD:FACTOR",
