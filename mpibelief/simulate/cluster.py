@@ -46,9 +46,11 @@ small and maintained (4.x); it is the only dependency the simulator adds.
 
 Cores (``machine``, :mod:`.cores`): by default every rank has a core of its own, and
 every phase lasts its cost.  Given a machine with fewer cores (this workstation), every
-phase above is CPU work on those cores, shared fairly by the ranks working at that moment
-and the machine's other processes: a transfer is then a copy by the replica's core (MPI's
-shared memory), and the coordinator, which evaluates the shards' parameters every
+phase above is CPU work on those cores, each with its run queue (:mod:`.runqueues`: a
+replica keeps its core, a shard or the coordinator wakes on an idle core, else where it
+last ran), shared fairly on each core by its ranks and its part of the machine's other
+processes: a transfer is then a copy by the replica's core (MPI's shared memory), and
+the coordinator, which evaluates the shards' parameters every
 ``eval_every`` seconds (after the last evaluation ends, as ``Coordinator.watch`` does),
 takes its share too.  A shard's apply is urgent work (it takes a core at once): a shard
 sleeps between pushes, and the scheduler runs such a short burst ahead of the ranks that
@@ -100,9 +102,10 @@ import simpy
 from mpibelief.optim import all_finite
 from mpibelief.ps.memory import MemoryServer
 from mpibelief.ps.state import GRADIENT, REFUSED
-from mpibelief.simulate.cores import Cores, Machine
+from mpibelief.simulate.cores import Machine
 from mpibelief.simulate.links import IN, OUT, ShardLinks
 from mpibelief.simulate.partitioned import transfer_seconds
+from mpibelief.simulate.runqueues import RunQueues
 
 SHARD_POLL = 1e-3  # seconds an idle shard sleeps between polls (ShardServer.serve's backoff)
 
@@ -251,7 +254,9 @@ class Cluster:
     def __post_init__(self):
         self.env = simpy.Environment()
         m = self.machine
-        self.cores = None if m.cores is None else Cores(self.env, m.cores, m.background)
+        self.rng = np.random.default_rng(self.seed)
+        self.cores = None if m.cores is None else RunQueues(
+            self.env, m.cores, m.background, np.random.default_rng([self.seed, 1]))
         n = len(self.server.states)
         self.shards = [simpy.Resource(self.env, capacity=1) for _ in range(n)]
         self.times = [ShardTimes() for _ in range(n)]
@@ -260,7 +265,6 @@ class Cluster:
         # slot[r][s]: fires when replica r's last push to shard s has been applied.
         self.slots = [[None] * n for _ in self.replicas]
         self.warm_done = self.env.event()
-        self.rng = np.random.default_rng(self.seed)
         self.failed: set[int] = set()
         # A plain event, not AllOf: SimPy strips a nested condition's callbacks when an
         # AnyOf around it fires first (run's timeout would leave it never triggering).
@@ -285,17 +289,18 @@ class Cluster:
     def finished(self) -> bool:
         return self.all_done.triggered
 
-    def _busy(self, seconds: float, urgent: bool = False):
-        """``seconds`` of one rank's CPU work: on its own core, or on the shared ones."""
+    def _busy(self, seconds: float, owner: tuple, urgent: bool = False):
+        """``seconds`` of ``owner``'s CPU work (a rank: ``("replica", r)``, ``("shard",
+        s)`` or ``("coordinator", 0)``): on its own core, or on the shared ones."""
         if self.cores is None:
             yield self.env.timeout(seconds)
         else:
-            yield from self.cores.work(seconds, urgent)
+            yield from self.cores.work(seconds, urgent, owner)
 
     def _coordinator(self):
         """Evaluations on the shared cores, ``eval_every`` apart, while replicas train."""
         while not self.all_done.triggered:
-            yield from self._busy(self.costs.evaluation)
+            yield from self._busy(self.costs.evaluation, ("coordinator", 0))
             yield self.env.timeout(self.eval_every)
 
     def _replica(self, r: int):
@@ -336,11 +341,11 @@ class Cluster:
                 if s and self.cores is not None:  # pinned after another MPI call
                     yield from self._descheduled(r, [part], s)
             if self.links is None:  # each partition's Gets follow one another
-                yield from self._busy(transfer_seconds(c, self.stores[r].pieces))
+                yield from self._busy(transfer_seconds(c, self.stores[r].pieces), ("replica", r))
             else:  # per shard, through its link (partitions' Gets in turn here)
                 for group in self.stores[r].pieces:
                     for shard, size in group:
-                        yield from self._send(shard, OUT, 4 * size)
+                        yield from self._send(r, shard, OUT, 4 * size)
             rep.stats.comm_seconds += self.env.now - tick
         elif name == "compute":
             seconds = rep.batch * c.compute_per_sample
@@ -351,7 +356,7 @@ class Cluster:
                 seconds *= self.faults.straggler_slowdown
             if rep.stats.steps == 1 and self.cores is None:  # its first step (_start)
                 seconds += c.first_step
-            yield from self._busy(seconds)
+            yield from self._busy(seconds, ("replica", r))
             rep.stats.compute_seconds += self.env.now - tick
         elif name == "push":
             pending = self.stores[r].take()
@@ -385,7 +390,7 @@ class Cluster:
         seconds = self.start_up[r] if self.start_up else c.first_step
         if seconds > 0:
             factor = c.spread[self.rng.integers(len(c.spread))] if c.spread else 1.0
-            yield from self._busy(seconds * factor)
+            yield from self._busy(seconds * factor, ("replica", r))
 
     def _descheduled(self, r: int, parts, pin: int | None = None):
         """With chance ``costs.descheduled``, replica ``r`` is off its core until those
@@ -430,14 +435,14 @@ class Cluster:
                 tick = self.env.now
                 yield slot
                 self.stores[r].stats.wait_seconds += self.env.now - tick
-            yield from self._send(shard, IN, nbytes * size)
+            yield from self._send(r, shard, IN, nbytes * size)
 
-    def _send(self, shard: int, way: int, nbytes: int):
-        """``nbytes`` to (``way`` IN) or from (OUT) ``shard``: ``latency + nbytes /
+    def _send(self, r: int, shard: int, way: int, nbytes: int):
+        """Replica ``r``'s ``nbytes`` to (``way`` IN) or from (OUT) ``shard``: ``latency + nbytes /
         bandwidth``.  With shard links the bytes wait for that direction of the shard's
         link (:mod:`.links`: FIFO turns; the latency does not hold the link)."""
         if self.links is None:
-            yield from self._busy(self.costs.transfer(nbytes))
+            yield from self._busy(self.costs.transfer(nbytes), ("replica", r))
             return
         yield from self.links.send(shard, way, nbytes)
 
@@ -455,7 +460,7 @@ class Cluster:
             seconds = 0.0 if piece is None else \
                 piece.size * self.costs.apply_per_param * factor
             tick = self.env.now
-            yield from self._busy(seconds, urgent=True)  # a shard wakes to apply: see Cores
+            yield from self._busy(seconds, ("shard", s), urgent=True)  # wakes to apply: Cores
             times.busy_seconds += self.env.now - tick
             self.server.states[s].stats.busy_cpu_seconds += seconds
             kind = REFUSED if piece is None else GRADIENT

@@ -74,7 +74,7 @@ class Cores:
     def __init__(self, env: simpy.Environment, cores: int, background: float = 0.0):
         Machine(cores, background)  # the same checks
         self.env, self.cores, self.background = env, cores, background
-        self.jobs: dict[simpy.Event, list] = {}  # [CPU seconds left, urgent], by end event
+        self.jobs: dict[simpy.Event, list] = {}  # [CPU seconds left, urgent, ...], by end
         self.since = env.now
         self.generation = 0
 
@@ -87,29 +87,35 @@ class Cores:
         slow = min(1.0, left / (normal + self.background)) if normal and left > 0 else 0.0
         return fast, slow
 
-    def work(self, seconds: float, urgent: bool = False):
-        """Run ``seconds`` of CPU work on the shared cores (a generator to yield from)."""
+    def work(self, seconds: float, urgent: bool = False, owner: tuple = ("coordinator", 0)):
+        """Run ``seconds`` of CPU work on the shared cores (a generator to yield from);
+        ``owner``, the rank doing it, matters only to :class:`~.runqueues.RunQueues`."""
         if seconds <= 0:
             return
         self._charge()
         done = self.env.event()
-        self.jobs[done] = [seconds, urgent]
+        self.jobs[done] = self._job(seconds, urgent, owner)
         self._plan()
         yield done
 
+    def _job(self, seconds: float, urgent: bool, owner: tuple) -> list:
+        return [seconds, urgent]
+
+    def _speeds(self) -> list[tuple[list, float]]:
+        """Every job in progress with its speed now."""
+        fast, slow = self.rates()
+        return [(job, fast if job[1] else slow) for job in self.jobs.values()]
+
     def _charge(self) -> None:
         """Give every job in progress its share of the time since the last change."""
-        fast, slow = self.rates()
         elapsed = self.env.now - self.since
-        for job in self.jobs.values():
-            job[0] -= elapsed * (fast if job[1] else slow)
+        for job, speed in self._speeds():
+            job[0] -= elapsed * speed
         self.since = self.env.now
 
     def _plan(self) -> None:
         self.generation += 1
-        fast, slow = self.rates()
-        waits = [left / (fast if u else slow) for left, u in self.jobs.values()
-                 if (fast if u else slow) > 0]
+        waits = [job[0] / speed for job, speed in self._speeds() if speed > 0]
         if waits:
             generation = self.generation
             wake = self.env.timeout(max(min(waits), 0.0))
@@ -119,8 +125,8 @@ class Cores:
         if generation != self.generation:
             return  # an arrival or departure since re-planned
         self._charge()
-        for job, (left, _) in list(self.jobs.items()):
-            if left <= TIE:
-                del self.jobs[job]
-                job.succeed()
+        for done, job in list(self.jobs.items()):
+            if job[0] <= TIE:
+                del self.jobs[done]
+                done.succeed()
         self._plan()

@@ -1,4 +1,5 @@
-"""Shared cores in the simulator: processor sharing, and a cluster on fewer cores than ranks.
+"""Shared cores in the simulator: processor sharing, run queues per core, and a cluster on
+fewer cores than ranks.
 
 Every time here is exact (the costs are chosen, nothing is timed), so the tests are
 deterministic; they run in a fraction of a second.
@@ -13,6 +14,7 @@ import simpy
 from mpibelief.simulate import calibrate
 from mpibelief.simulate.cluster import Costs
 from mpibelief.simulate.cores import Cores, Machine
+from mpibelief.simulate.runqueues import RunQueues
 from tests.unit.test_simulate import COSTS, NO_FAULTS, cfg_of, data  # noqa: F401 - fixture
 
 
@@ -62,6 +64,75 @@ def test_arrivals_and_background_change_the_rates():
     assert finish_times(2, [(0.0, 1.0)], background=2.0) == pytest.approx([1.5])
     with pytest.raises(ValueError):
         Machine(cores=0)
+
+
+REPLICA0, REPLICA1, SHARD = ("replica", 0), ("replica", 1), ("shard", 0)
+
+
+def queue_times(cores: int, jobs: list[tuple], migrate: float = 0.0, placed=None):
+    """Each ``(arrival, cpu seconds, owner[, urgent])`` job's end time on run queues."""
+    env = simpy.Environment()
+    queues = RunQueues(env, cores, migrate=migrate)
+    queues.placed.update(placed or {})
+    ends = [None] * len(jobs)
+
+    def job(i, arrival, seconds, owner, urgent=False):
+        yield env.timeout(arrival)
+        yield from queues.work(seconds, urgent, owner)
+        ends[i] = env.now
+
+    for i, spec in enumerate(jobs):
+        env.process(job(i, *spec))
+    env.run(until=100.0)
+    return ends
+
+
+def test_a_sleeper_wakes_on_an_idle_core():
+    """One replica on 2 cores: the shard's apply and the coordinator's evaluation take
+    the free core, whatever core they last ran on, so the replica is not slowed."""
+    coordinator = ("coordinator", 0)
+    jobs = [(0.0, 1.0, REPLICA0), (0.1, 0.5, SHARD, True), (0.7, 0.3, coordinator)]
+    placed = {SHARD: 0, coordinator: 0}
+    assert queue_times(2, jobs, placed=placed) == pytest.approx([1.0, 0.6, 1.0])
+    assert finish_times(2, [(0.0, 1.0), (0.1, 0.5, True), (0.7, 0.3)]) == \
+        pytest.approx([1.0, 0.6, 1.0])  # as on shared cores
+
+
+def test_with_every_core_busy_a_shard_slows_only_the_replica_on_its_core():
+    """Two replicas on two cores: an apply of 0.5 s on core 0 (where the shard last ran)
+    stops replica 0 for 0.5 s and leaves replica 1 alone; shared equally, each would
+    lose a quarter of a second, and they would stay in step."""
+    jobs = [(0.0, 1.0, REPLICA0), (0.0, 1.0, REPLICA1), (0.0, 0.5, SHARD, True)]
+    assert queue_times(2, jobs, placed={SHARD: 0}) == pytest.approx([1.5, 1.0, 0.5])
+    assert queue_times(2, jobs, placed={SHARD: 1}) == pytest.approx([1.0, 1.5, 0.5])
+    assert finish_times(2, [(0.0, 1.0), (0.0, 1.0), (0.0, 0.5, True)]) == \
+        pytest.approx([1.25, 1.25, 0.5])
+
+
+def test_the_balancer_moves_a_sleeper_between_busy_cores():
+    """Applies of 1 ms every 10 ms for 100 s beside two replicas: the shard's core is
+    redrawn every 0.5 s on average, so each replica loses about half the applies' time
+    (10 s in all), never all of it."""
+    env = simpy.Environment()
+    queues = RunQueues(env, 2)
+
+    def replica(r):
+        yield from queues.work(1000.0, False, ("replica", r))
+
+    def shard():
+        while True:
+            yield from queues.work(1e-3, True, SHARD)
+            yield env.timeout(9e-3)
+
+    for r in range(2):
+        env.process(replica(r))
+    env.process(shard())
+    env.run(until=100.0)
+    queues._charge()  # the CPU each replica got, up to now
+    lost = [100.0 - (1000.0 - left) for left, urgent, _ in queues.jobs.values()
+            if not urgent]
+    assert sum(lost) == pytest.approx(10.0, rel=0.01)  # every apply took a core
+    assert 3.0 < min(lost) <= max(lost) < 7.0, lost
 
 
 def simulate(data, replicas, shards, machine=None, costs=COSTS, eval_every=0.0):  # noqa: F811
