@@ -51,7 +51,7 @@ attributes; ``real/`` and ``sim/`` the mean figures as attributes, ``samples``,
 comparison only).
 ``mpibelief plot validation FILE`` draws it.
 Usage: ``python -m mpibelief.simulate.validate [--replicas 1,2] [--shards 1,2]
-[--epochs 1] [--runs 3] [--config configs/demo.toml] [--calibration-epochs 0.5]
+[--epochs 1] [--runs 5] [--config configs/demo.toml] [--calibration-epochs 0.5]
 [--out results/sim_validation.h5] [--overwrite]``
 """
 
@@ -284,7 +284,7 @@ def main(argv=None) -> int:
     p.add_argument("--rma", default=str(REPO / "results" / "bench_rma.h5"))
     p.add_argument("--calibration-epochs", type=float, default=0.5,
                    help="length of the real R1_S1 run the costs come from")
-    p.add_argument("--runs", type=int, default=3,
+    p.add_argument("--runs", type=int, default=5,
                    help="real runs per case, each with its simulated twin; means compared")
     p.add_argument("--out", default=str(REPO / "results" / "sim_validation.h5"))
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
