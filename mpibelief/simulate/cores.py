@@ -87,7 +87,7 @@ class Cores:
         slow = min(1.0, left / (normal + self.background)) if normal and left > 0 else 0.0
         return fast, slow
 
-    def work(self, seconds: float, urgent: bool = False, owner: tuple = ("coordinator", 0)):
+    def work(self, seconds: float, urgent: bool = False, owner: tuple | None = None):
         """Run ``seconds`` of CPU work on the shared cores (a generator to yield from);
         ``owner``, the rank doing it, matters only to :class:`~.runqueues.RunQueues`."""
         if seconds <= 0:
@@ -98,7 +98,7 @@ class Cores:
         self._plan()
         yield done
 
-    def _job(self, seconds: float, urgent: bool, owner: tuple) -> list:
+    def _job(self, seconds: float, urgent: bool, owner: tuple | None) -> list:
         return [seconds, urgent]
 
     def _speeds(self) -> list[tuple[list, float]]:

@@ -66,7 +66,9 @@ class RunQueues(Cores):
         self.placed[owner] = last
         return last
 
-    def _job(self, seconds: float, urgent: bool, owner: tuple) -> list:
+    def _job(self, seconds: float, urgent: bool, owner: tuple | None) -> list:
+        if owner is None:
+            raise ValueError("work on run queues needs its owner (the rank doing it)")
         return [seconds, urgent, self.core(owner)]
 
     def _balance(self, migrate: float):
@@ -76,8 +78,9 @@ class RunQueues(Cores):
             for owner in self.placed:
                 self.placed[owner] = int(self.rng.integers(self.cores))
 
-    def rates(self) -> dict[int, tuple[float, float]]:
-        """``{core: (urgent, normal)}``: each job's speed there, as a free core's fraction."""
+    def core_rates(self) -> dict[int, tuple[float, float]]:
+        """``{core: (urgent, normal)}``: each job's speed there, as a free core's fraction
+        (per core, where :meth:`Cores.rates` is the whole machine's)."""
         out = {}
         for c in range(self.cores):
             here = [urgent for _, urgent, core in self.jobs.values() if core == c]
@@ -90,5 +93,5 @@ class RunQueues(Cores):
         return out
 
     def _speeds(self) -> list[tuple[list, float]]:
-        rates = self.rates()
+        rates = self.core_rates()
         return [(job, rates[job[2]][0 if job[1] else 1]) for job in self.jobs.values()]

@@ -4,9 +4,9 @@ Calibrate once (:mod:`.calibrate`: a short real ``R1_S1`` run, ``--calibration-e
 after a shorter one that compiles the kernels, gives every phase's CPU cost), then for
 every ``R`` in ``--replicas`` and ``S`` in ``--shards`` run the case ``--runs`` times
 for real (``mpiexec -n 1+S+R python -m mpibelief train``, real MPI and windows) and as
-many times simulated
-(:func:`mpibelief.simulate.run.simulate`) on this machine's cores (:mod:`.cores`:
-``len(os.sched_getaffinity(0))``), shared by the 1 + S + R ranks and by the other
+many times simulated (:func:`mpibelief.simulate.run.simulate`) on this machine's cores
+(:mod:`.runqueues`: ``len(os.sched_getaffinity(0))``), shared by the 1 + S + R ranks
+and by the other
 sessions that wanted a core while real run ``j`` ran, sampled from ``/proc`` by
 :mod:`.background` (the other helpers' jobs come and go within seconds, so the load met
 before a run is not the load it meets); simulated run ``j`` draws its timing with seed
